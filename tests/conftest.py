@@ -1,0 +1,77 @@
+"""Shared session fixtures: a locally trained chat tokenizer and tiny Llama / Qwen3 targets on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peagle.toy import tiny_target, train_chat_tokenizer
+
+CORPUS = [
+    "count from 3 to 9",
+    "3 4 5 6 7 8 9",
+    "sort these words: pear, apple, fig",
+    "apple, fig, pear",
+    "The word apple has 5 letters: a-p-p-l-e.",
+    "12 + 7 = 19",
+    "what is the capital of France? Paris.",
+    "Answer briefly. Think step by step.",
+] * 8
+
+CHATS = [
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "count from 3 to 9"},
+        {"role": "assistant", "content": "3 4 5 6 7 8 9"},
+        {"role": "user", "content": "what is 12 + 7?"},
+        {"role": "assistant", "content": "12 + 7 = 19"},
+    ],
+    [
+        {"role": "user", "content": "sort these words: pear, apple, fig"},
+        {"role": "assistant", "content": "apple, fig, pear"},
+    ],
+    [
+        {"role": "user", "content": "how many letters has apple?"},
+        {"role": "assistant", "content": "The word apple has 5 letters: a-p-p-l-e."},
+    ],
+    [
+        {"role": "user", "content": "what is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ],
+]
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """Directory holding the toy chat tokenizer (saved with save_pretrained)."""
+    d = tmp_path_factory.mktemp("chat_tokenizer")
+    train_chat_tokenizer(CORPUS, 300, d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(chat_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, chat_tokenizer):
+    """Tiny random Llama target (6 layers → aux ids (2, 3, 3)), tokenizer saved alongside."""
+    return tiny_target("llama", chat_tokenizer, tmp_path_factory.mktemp("llama"), num_layers=6)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, chat_tokenizer):
+    """Tiny random Qwen3 target (8 layers → aux ids (2, 4, 5)), tokenizer saved alongside."""
+    return tiny_target("qwen3", chat_tokenizer, tmp_path_factory.mktemp("qwen3"), num_layers=8)
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    """A small OpenAI-messages JSONL file with the CHATS records."""
+    p = tmp_path_factory.mktemp("chat_data") / "chats.jsonl"
+    p.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    return p
