@@ -38,8 +38,9 @@ _STREAM_DEPTH = 0  # the depth-d subsample
 _STREAM_ANCHORS = 1  # the max_anchors cap on chain starts
 # Added before flooring the per-depth counts. float64 rounding can land just below an exact integer
 # (0.7**2 * 100 = 48.99999999999999) and the count would come out one short; the rounding error is
-# ~1e-16 relative (< 1e-9 absolute for any realistic length), while for ratios written as short
-# decimals a non-integer exact count is at least ~1e-6 away from the next integer.
+# ~1e-16 relative (< 1e-9 absolute for any realistic length), while for a one-decimal ratio such as
+# 0.7 a non-integer exact count is a multiple of 10**-d, i.e. >= 1e-8 below the next integer for
+# d <= 8. (Ratios with many decimals at deep depths could in principle round up spuriously.)
 _FLOOR_EPS = 1e-9
 
 
