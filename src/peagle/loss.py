@@ -1,0 +1,238 @@
+"""Forward KL(target ‖ draft) over the draft vocabulary, chunked so [E, Vd] logits never exist at once.
+
+For E supervised elements with draft hidden h (post final norm), draft lm_head W [Vd, H] and target
+log-probs log p (target logits restricted to the draft vocab, renormalised):
+
+    z = h @ Wᵀ,  log q = log_softmax(z),  KL_e = Σ_v p_v (log p_v − log q_v)
+    ∂KL_e/∂z = softmax(z) − p            (because Σ_v p_v = 1)
+    ∂/∂h = (q − p) @ W,   ∂/∂W = (q − p)ᵀ @ h
+
+`_ChunkedKL` loops over chunks of elements in forward (sums and metrics only) and recomputes each
+chunk's logits in backward, so extra memory is O(chunk × Vd) instead of O(E × Vd). All maths in fp32;
+gradients come back in the inputs' dtypes. The loss is a SUM: the caller divides by the global count
+of supervised elements (DESIGN §1 "Loss").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TargetHead(nn.Module):
+    """Frozen target final RMSNorm + the target lm_head rows of the draft vocab (buffers, no params).
+
+    Computes target logits on the fly from target final hidden states (offline caches store hidden
+    [E, Ht] instead of logits [E, V]). Same dtype behaviour as the HF target: the norm is computed in
+    fp32 and cast back to the input dtype, the matmul runs in the weights' dtype; returned as fp32.
+    """
+
+    def __init__(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> None:
+        super().__init__()
+        if weight.ndim != 2 or norm_weight.shape != (weight.shape[1],):
+            raise ValueError(
+                f"norm_weight {tuple(norm_weight.shape)} must be [Ht] for lm_head rows {tuple(weight.shape)}"
+            )
+        self.norm_weight = nn.Buffer(norm_weight.detach().clone())
+        self.weight = nn.Buffer(weight.detach().clone())
+        self.eps = float(eps)
+
+    @classmethod
+    def from_weights(
+        cls,
+        norm_weight: torch.Tensor,
+        eps: float,
+        lm_head_weight: torch.Tensor,
+        t2d: torch.Tensor | None = None,
+    ) -> TargetHead:
+        """From the target's final-norm weight [Ht], eps and full lm_head [V, Ht]; keeps rows where t2d."""
+        rows = lm_head_weight if t2d is None else lm_head_weight[t2d.to(lm_head_weight.device)]
+        return cls(norm_weight, eps, rows)
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [E, Ht] (target final hidden, before its norm) → fp32 logits [E, Vd]."""
+        dtype = hidden.dtype
+        x = hidden.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        x = self.norm_weight * x
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+@dataclass
+class LossSums:
+    """Sums over the given elements (divide by a global count outside).
+
+    kl_sum: scalar fp32, differentiable. kl_per_depth / correct_per_depth / count_per_depth: [K] fp32,
+    detached; correct = draft argmax == target argmax (top-1 agreement over the draft vocab).
+    """
+
+    kl_sum: torch.Tensor
+    kl_per_depth: torch.Tensor
+    correct_per_depth: torch.Tensor
+    count_per_depth: torch.Tensor
+
+
+def _target_logprobs(
+    start: int,
+    end: int,
+    target_logits: torch.Tensor | None,
+    target_hidden: torch.Tensor | None,
+    target_head: nn.Module | None,
+) -> torch.Tensor:
+    """Target log-probs over the draft vocab for elements [start, end), fp32, no grad."""
+    with torch.no_grad():
+        if target_logits is not None:
+            logits = target_logits[start:end].float()
+        else:
+            logits = target_head(target_hidden[start:end]).float()
+        return torch.log_softmax(logits, dim=-1)
+
+
+def _forward_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    depth: torch.Tensor,
+    num_depths: int,
+    target: tuple[torch.Tensor | None, torch.Tensor | None, nn.Module | None],
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-depth KL sums, top-1 agreement and counts, one chunk of elements at a time."""
+    w32 = weight.float()
+    kl_per_depth = torch.zeros(num_depths, dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros_like(kl_per_depth)
+    count = torch.zeros_like(kl_per_depth)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        log_q = torch.log_softmax(hidden[start:end].float() @ w32.T, dim=-1)
+        log_p = _target_logprobs(start, end, *target)
+        p = log_p.exp()
+        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # 0·log 0 = 0
+        d = depth[start:end]
+        kl_per_depth.index_add_(0, d, kl)
+        correct.index_add_(0, d, (log_q.argmax(-1) == log_p.argmax(-1)).float())
+        count.index_add_(0, d, torch.ones_like(kl))
+    return kl_per_depth, correct, count
+
+
+def _backward_chunks(
+    grad_sum: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: tuple[torch.Tensor | None, torch.Tensor | None, nn.Module | None],
+    chunk_size: int,
+    need_h: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Recompute each chunk's draft softmax; dz = g·(q − p); dh = dz @ W, dW += dzᵀ @ h."""
+    w32 = weight.float()
+    g = grad_sum.float()
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w32 = torch.zeros_like(w32) if need_w else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        h32 = hidden[start:end].float()
+        dz = torch.softmax(h32 @ w32.T, dim=-1)
+        dz.sub_(_target_logprobs(start, end, *target).exp()).mul_(g)  # in place: one [C, Vd] buffer
+        if need_h:
+            grad_h[start:end] = (dz @ w32).to(hidden.dtype)
+        if need_w:
+            grad_w32.addmm_(dz.T, h32)
+    return grad_h, None if grad_w32 is None else grad_w32.to(weight.dtype)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Chunked forward KL (see the module docstring). Outputs (kl_sum, kl_per_depth, correct, count);
+    only kl_sum is differentiable. Saves only the inputs; autocast is disabled inside (fp32 maths)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        depth: torch.Tensor,
+        num_depths: int,
+        target_logits: torch.Tensor | None,
+        target_hidden: torch.Tensor | None,
+        target_head: nn.Module | None,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        target = (target_logits, target_hidden, target_head)
+        with torch.autocast(hidden.device.type, enabled=False):
+            sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size)
+        kl_per_depth, correct, count = sums
+        ctx.save_for_backward(hidden, weight, target_logits, target_hidden)
+        ctx.target_head = target_head
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(kl_per_depth, correct, count)
+        return kl_per_depth.sum(), kl_per_depth, correct, count
+
+    @staticmethod
+    def backward(ctx: Any, grad_sum: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, target_logits, target_hidden = ctx.saved_tensors
+        target = (target_logits, target_hidden, ctx.target_head)
+        with torch.autocast(hidden.device.type, enabled=False):
+            need_h, need_w = ctx.needs_input_grad[:2]
+            grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w)
+        grad_h, grad_w = grads
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def kl_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    depth: torch.Tensor,
+    num_depths: int,
+    *,
+    target_logits: torch.Tensor | None = None,
+    target_hidden: torch.Tensor | None = None,
+    target_head: nn.Module | None = None,
+    chunk_size: int = 2048,
+) -> LossSums:
+    """Summed forward KL(target ‖ draft) over the draft vocab, plus per-depth metrics.
+
+    hidden [E, H]: draft hidden after the final norm, at supervised elements only (the caller gathers).
+    lm_head_weight [Vd, H]: may be frozen (requires_grad False → no weight gradient is computed).
+    depth [E] in [0, num_depths). Target: exactly one of target_logits [E, Vd] (already restricted to
+    the draft vocab) or target_hidden [E, Ht] with target_head (a `TargetHead`). The target never gets
+    a gradient. Extra memory is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32.
+    """
+    if (target_logits is None) == (target_hidden is None):
+        raise ValueError("give exactly one of target_logits or target_hidden (+ target_head)")
+    if target_hidden is not None and target_head is None:
+        raise ValueError("target_hidden needs target_head")
+    if hidden.ndim != 2 or lm_head_weight.ndim != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and lm_head_weight {tuple(lm_head_weight.shape)} mismatch"
+        )
+    num_elements = hidden.shape[0]
+    target = target_logits if target_logits is not None else target_hidden
+    if depth.shape != (num_elements,) or target.shape[0] != num_elements:
+        raise ValueError(
+            f"depth {tuple(depth.shape)} and target {tuple(target.shape)} must have E={num_elements} rows"
+        )
+    if target_logits is not None and target_logits.shape[1] != lm_head_weight.shape[0]:
+        raise ValueError(
+            f"target_logits has {target_logits.shape[1]} columns, "
+            f"the draft vocab has {lm_head_weight.shape[0]}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    kl_sum, kl_per_depth, correct, count = _ChunkedKL.apply(
+        hidden,
+        lm_head_weight,
+        depth.long(),
+        num_depths,
+        None if target_logits is None else target_logits.detach(),
+        None if target_hidden is None else target_hidden.detach(),
+        target_head,
+        chunk_size,
+    )
+    return LossSums(kl_sum, kl_per_depth, correct, count)
+
+
+__all__ = ["LossSums", "TargetHead", "kl_loss"]
