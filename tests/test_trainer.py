@@ -66,7 +66,7 @@ def test_sequence_partitions_are_exact(segments):
     for i in range(len(plan.units)):
         o = part(batch, segment=(plan, i))
         o.loss.backward()
-        total += float(o.loss)
+        total += float(o.loss.detach())
         metrics = o.metrics if metrics is None else metrics + o.metrics
         unit = plan.units[i]
         if hasattr(unit, "charged"):

@@ -83,13 +83,16 @@ def _target_logprobs(
     target_logits: torch.Tensor | None,
     target_hidden: torch.Tensor | None,
     target_head: nn.Module | None,
+    target_index: torch.Tensor | None,
+    acc: torch.dtype,
 ) -> torch.Tensor:
-    """Target log-probs over the draft vocab for elements [start, end), fp32, no grad."""
+    """Target log-probs over the draft vocab for elements [start, end) (rows via target_index), no grad."""
+    rows = slice(start, end) if target_index is None else target_index[start:end]
     with torch.no_grad():
         if target_logits is not None:
-            logits = target_logits[start:end].float()
+            logits = target_logits[rows].to(acc)
         else:
-            logits = target_head(target_hidden[start:end]).float()
+            logits = target_head(target_hidden[rows]).to(acc)
         return torch.log_softmax(logits, dim=-1)
 
 
@@ -98,23 +101,24 @@ def _forward_chunks(
     weight: torch.Tensor,
     depth: torch.Tensor,
     num_depths: int,
-    target: tuple[torch.Tensor | None, torch.Tensor | None, nn.Module | None],
+    target: tuple,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-depth KL sums, top-1 agreement and counts, one chunk of elements at a time."""
-    w32 = weight.float()
-    kl_per_depth = torch.zeros(num_depths, dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 maths (fp64 when given fp64)
+    w32 = weight.to(acc)
+    kl_per_depth = torch.zeros(num_depths, dtype=acc, device=hidden.device)
     correct = torch.zeros_like(kl_per_depth)
     count = torch.zeros_like(kl_per_depth)
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
-        log_q = torch.log_softmax(hidden[start:end].float() @ w32.T, dim=-1)
-        log_p = _target_logprobs(start, end, *target)
+        log_q = torch.log_softmax(hidden[start:end].to(acc) @ w32.T, dim=-1)
+        log_p = _target_logprobs(start, end, *target, acc)
         p = log_p.exp()
         kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # 0·log 0 = 0
         d = depth[start:end]
         kl_per_depth.index_add_(0, d, kl)
-        correct.index_add_(0, d, (log_q.argmax(-1) == log_p.argmax(-1)).float())
+        correct.index_add_(0, d, (log_q.argmax(-1) == log_p.argmax(-1)).to(acc))
         count.index_add_(0, d, torch.ones_like(kl))
     return kl_per_depth, correct, count
 
@@ -123,21 +127,22 @@ def _backward_chunks(
     grad_sum: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    target: tuple[torch.Tensor | None, torch.Tensor | None, nn.Module | None],
+    target: tuple,
     chunk_size: int,
     need_h: bool,
     need_w: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Recompute each chunk's draft softmax; dz = g·(q − p); dh = dz @ W, dW += dzᵀ @ h."""
-    w32 = weight.float()
-    g = grad_sum.float()
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    w32 = weight.to(acc)
+    g = grad_sum.to(acc)
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w32 = torch.zeros_like(w32) if need_w else None
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
-        h32 = hidden[start:end].float()
+        h32 = hidden[start:end].to(acc)
         dz = torch.softmax(h32 @ w32.T, dim=-1)
-        dz.sub_(_target_logprobs(start, end, *target).exp()).mul_(g)  # in place: one [C, Vd] buffer
+        dz.sub_(_target_logprobs(start, end, *target, acc).exp()).mul_(g)  # in place: one [C, Vd] buffer
         if need_h:
             grad_h[start:end] = (dz @ w32).to(hidden.dtype)
         if need_w:
@@ -159,13 +164,14 @@ class _ChunkedKL(torch.autograd.Function):
         target_logits: torch.Tensor | None,
         target_hidden: torch.Tensor | None,
         target_head: nn.Module | None,
+        target_index: torch.Tensor | None,
         chunk_size: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        target = (target_logits, target_hidden, target_head)
+        target = (target_logits, target_hidden, target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
             sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size)
         kl_per_depth, correct, count = sums
-        ctx.save_for_backward(hidden, weight, target_logits, target_hidden)
+        ctx.save_for_backward(hidden, weight, target_logits, target_hidden, target_index)
         ctx.target_head = target_head
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(kl_per_depth, correct, count)
@@ -173,13 +179,13 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_sum: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, target_logits, target_hidden = ctx.saved_tensors
-        target = (target_logits, target_hidden, ctx.target_head)
+        hidden, weight, target_logits, target_hidden, target_index = ctx.saved_tensors
+        target = (target_logits, target_hidden, ctx.target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
             need_h, need_w = ctx.needs_input_grad[:2]
             grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w)
         grad_h, grad_w = grads
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def kl_loss(
@@ -191,6 +197,7 @@ def kl_loss(
     target_logits: torch.Tensor | None = None,
     target_hidden: torch.Tensor | None = None,
     target_head: nn.Module | None = None,
+    target_index: torch.Tensor | None = None,
     chunk_size: int = 2048,
 ) -> LossSums:
     """Summed forward KL(target ‖ draft) over the draft vocab, plus per-depth metrics.
@@ -198,7 +205,8 @@ def kl_loss(
     hidden [E, H]: draft hidden after the final norm, at supervised elements only (the caller gathers).
     lm_head_weight [Vd, H]: may be frozen (requires_grad False → no weight gradient is computed).
     depth [E] in [0, num_depths). Target: exactly one of target_logits [E, Vd] (already restricted to
-    the draft vocab) or target_hidden [E, Ht] with target_head (a `TargetHead`). The target never gets
+    the draft vocab) or target_hidden [E, Ht] with target_head (a `TargetHead`); with target_index [E]
+    the target tensors are indexed by it chunk by chunk (no [E, Vd] gather). The target never gets
     a gradient. Extra memory is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32.
     """
     if (target_logits is None) == (target_hidden is None):
@@ -211,7 +219,8 @@ def kl_loss(
         )
     num_elements = hidden.shape[0]
     target = target_logits if target_logits is not None else target_hidden
-    if depth.shape != (num_elements,) or target.shape[0] != num_elements:
+    target_rows = num_elements if target_index is None else target_index.shape[0]
+    if depth.shape != (num_elements,) or target_rows != num_elements:
         raise ValueError(
             f"depth {tuple(depth.shape)} and target {tuple(target.shape)} must have E={num_elements} rows"
         )
@@ -230,6 +239,7 @@ def kl_loss(
         None if target_logits is None else target_logits.detach(),
         None if target_hidden is None else target_hidden.detach(),
         target_head,
+        None if target_index is None else target_index.long(),
         chunk_size,
     )
     return LossSums(kl_sum, kl_per_depth, correct, count)

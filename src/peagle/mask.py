@@ -129,14 +129,15 @@ class _RangeAttention(torch.autograd.Function):
         m, hq, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
-        out = torch.zeros(m, hq, d, dtype=torch.float32, device=q.device)
-        lse = torch.full((m, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) accumulation
+        out = torch.zeros(m, hq, d, dtype=acc, device=q.device)
+        lse = torch.full((m, hq), float("-inf"), dtype=acc, device=q.device)
         order = torch.argsort(end, stable=True)
         for idx, lo, hi in _chunks(order, start, end, budget, hq):
             c = idx.numel()
-            qc = q[idx].float().view(c, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * c, d)
-            kc = k[lo : hi + 1].float().transpose(0, 1)
-            vc = v[lo : hi + 1].float().transpose(0, 1)
+            qc = q[idx].to(acc).view(c, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * c, d)
+            kc = k[lo : hi + 1].to(acc).transpose(0, 1)
+            vc = v[lo : hi + 1].to(acc).transpose(0, 1)
             s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale).view(hkv, g, c, -1)
             pos = torch.arange(lo, hi + 1, device=q.device)
             hidden = (pos[None, :] < start[idx, None]) | (pos[None, :] > end[idx, None])
@@ -157,12 +158,13 @@ class _RangeAttention(torch.autograd.Function):
         m, hq, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
-        dout = dout.float() if dout is not None else torch.zeros_like(out)
-        dlse = dlse.float() if dlse is not None else torch.zeros_like(lse)
+        acc = out.dtype
+        dout = dout.to(acc) if dout is not None else torch.zeros_like(out)
+        dlse = dlse.to(acc) if dlse is not None else torch.zeros_like(lse)
         delta = (dout * out).sum(-1) - dlse  # [m, hq]
-        dq = torch.zeros(m, hq, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dq = torch.zeros(m, hq, d, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
 
         def heads_first(x, c):  # [c, hq, ...] -> [hkv, g*c, ...]
             return x.view(c, hkv, g, *x.shape[2:]).permute(1, 2, 0, *range(3, x.dim() + 1)).reshape(
@@ -171,9 +173,9 @@ class _RangeAttention(torch.autograd.Function):
 
         for idx, lo, hi in _chunks(order, start, end, ctx.budget, hq):
             c = idx.numel()
-            qc = heads_first(q[idx].float(), c)
-            kc = k[lo : hi + 1].float().transpose(0, 1)
-            vc = v[lo : hi + 1].float().transpose(0, 1)
+            qc = heads_first(q[idx].to(acc), c)
+            kc = k[lo : hi + 1].to(acc).transpose(0, 1)
+            vc = v[lo : hi + 1].to(acc).transpose(0, 1)
             s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale)
             l = heads_first(lse[idx], c)
             p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
@@ -207,8 +209,9 @@ def _chain_part(q: Tensor, k: Tensor, v: Tensor, chain: Tensor, scale: float) ->
     hkv = k.shape[1]
     valid = chain >= 0
     idx = chain.clamp(min=0)
-    kc, vc = k[idx].float(), v[idx].float()  # [r, c, hkv, d]
-    s = torch.einsum("rhgd,rchd->rhgc", q.float().view(r, hkv, hq // hkv, d), kc) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kc, vc = k[idx].to(acc), v[idx].to(acc)  # [r, c, hkv, d]
+    s = torch.einsum("rhgd,rchd->rhgc", q.to(acc).view(r, hkv, hq // hkv, d), kc) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
@@ -233,7 +236,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     lse = torch.where(torch.isfinite(lse), lse, 0.0)
     w_a = torch.exp(lse_a - lse)[..., None]
     w_b = torch.exp(lse_b - lse)[..., None]
-    return w_a * out_a.float() + w_b * out_b.float()
+    return w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_a.dtype)
 
 
 class CODAttention:

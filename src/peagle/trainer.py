@@ -279,11 +279,10 @@ class PEagleTrainer(nn.Module):
             z = torch.zeros(self.num_depths, dtype=torch.float64)
             return LossSums(hidden.sum() * 0.0, z, z.clone(), z.clone())
         ref = lay.anchor[elements] + lay.depth[elements]
-        targets = lay.targets[ref]
-        kwargs = {"target_hidden": targets, "target_head": self.target_head} if lay.target_is_hidden \
-            else {"target_logits": targets}
+        kwargs = {"target_hidden": lay.targets, "target_head": self.target_head} if lay.target_is_hidden \
+            else {"target_logits": lay.targets}
         return kl_loss(self.draft.final_hidden(hidden), self.draft.lm_head.weight, lay.depth[elements],
-                       self.num_depths, chunk_size=self.loss_chunk_size, **kwargs)
+                       self.num_depths, target_index=ref, chunk_size=self.loss_chunk_size, **kwargs)
 
     def forward(self, batch: Batch, normalizer: float | Tensor | None = None,
                 segment: tuple[Plan, int] | None = None) -> StepOutput:
