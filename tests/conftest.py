@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from peagle.toy import tiny_target, train_chat_tokenizer
+
+# The test machine is a couple of cores shared by several jobs: intra-op threads spin-waiting on
+# each other make tiny matmuls ~100x slower, so tests run single-threaded unless told otherwise.
+torch.set_num_threads(int(os.environ.get("PEAGLE_TEST_THREADS", "1")))
 
 CORPUS = [
     "count from 3 to 9",
