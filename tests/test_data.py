@@ -278,7 +278,10 @@ def test_tokenizer_without_chat_template(chat_tokenizer_dir, tmp_path):
 # ------------------------------------------------------------------ prepare
 
 
-def test_prepare_writes_dataset_manifest_counts(chat_tokenizer_dir, chat_tokenizer, tmp_path):
+def test_prepare_writes_dataset_manifest_counts(chat_tokenizer_dir, chat_tokenizer, tmp_path, monkeypatch):
+    import peagle.data
+
+    monkeypatch.setattr(peagle.data, "_ARROW_CHUNK", 2)  # exercise the chunked Arrow path
     src = tmp_path / "mixed.jsonl"
     lines = [json.dumps({"messages": c}) for c in CHATS]
     lines.append(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
@@ -297,7 +300,8 @@ def test_prepare_writes_dataset_manifest_counts(chat_tokenizer_dir, chat_tokeniz
     p = load_prepared(out)
     assert len(p) == 5
     expect = [tokenize_chat(chat_tokenizer, c, 40) for c in CHATS]
-    assert p[0]["input_ids"] == expect[0].input_ids and p[0]["loss_mask"] == expect[0].loss_mask
+    for i, e in enumerate(expect):
+        assert p[i]["input_ids"] == e.input_ids and p[i]["loss_mask"] == e.loss_mask
     assert p.lengths[:4] == [len(e.input_ids) for e in expect]
     m = p.manifest
     assert m["counts"]["kept"] == 5 and m["counts"]["dropped"] == {NO_ASSISTANT: 1}

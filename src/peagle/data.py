@@ -34,6 +34,7 @@ from torch import Tensor
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.safetensors"
 DATASET_SUBDIR = "dataset"
+_ARROW_CHUNK = 1024  # examples per in-memory Arrow chunk while preparing
 
 OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 SHAREGPT_ROLES = {
@@ -583,7 +584,7 @@ def prepare(
     The folder appears atomically (written to a temp dir, then renamed). Raises DataError when no
     example survives filtering, listing the drop reasons.
     """
-    from datasets import Dataset, Features, Value
+    from datasets import Dataset, Features, Value, concatenate_datasets
     from datasets import Sequence as DsSequence
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -602,8 +603,18 @@ def prepare(
 
     sup_counts = torch.zeros(V, dtype=torch.int64)
     all_counts = torch.zeros(V, dtype=torch.int64)
+    features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8"))})
+    chunks: list[Any] = []  # compact Arrow chunks, so a large corpus never sits in Python lists
     kept_ids: list[list[int]] = []
     kept_mask: list[list[int]] = []
+    lengths: list[int] = []
+    kept = 0
+
+    def flush() -> None:
+        if kept_ids:
+            chunks.append(Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask}, features=features))
+            kept_ids.clear()
+            kept_mask.clear()
     dropped: Counter[str] = Counter()
     errors: list[str] = []
     read = truncated = tokens = supervised = 0
@@ -625,23 +636,28 @@ def prepare(
         sup_counts += torch.bincount(ids[m], minlength=V)
         kept_ids.append(ex.input_ids)
         kept_mask.append(ex.loss_mask)
+        lengths.append(len(ex.input_ids))
+        kept += 1
+        if len(kept_ids) >= _ARROW_CHUNK:
+            flush()
         truncated += ex.truncated
         tokens += len(ex.input_ids)
         supervised += int(m.sum())
 
-    if not kept_ids:
+    flush()
+    if not kept:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "no records read"
         hint = f" (e.g. {errors[0]})" if errors else ""
         raise DataError(f"empty dataset after filtering: {read} read, 0 kept; dropped {reasons}{hint}")
 
     edges = _histogram_edges(max_length)
-    lengths = torch.tensor([len(x) for x in kept_ids])
+    len_t = torch.tensor(lengths)
     hist = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        c = int(((lengths >= lo) & (lengths < hi)).sum())
+        c = int(((len_t >= lo) & (len_t < hi)).sum())
         hist.append((lo, hi - 1, c))
 
-    summary = PrepareSummary(str(output_dir), read, len(kept_ids), dict(dropped), truncated, tokens,
+    summary = PrepareSummary(str(output_dir), read, kept, dict(dropped), truncated, tokens,
                              supervised, hist, errors)
     manifest = {
         "format": "peagle-prepared-v1",
@@ -659,7 +675,7 @@ def prepare(
         "max_length": max_length,
         "last_turn_only": last_turn_only,
         "drop_long": drop_long,
-        "counts": {"read": read, "kept": len(kept_ids), "dropped": dict(dropped), "truncated": truncated,
+        "counts": {"read": read, "kept": kept, "dropped": dict(dropped), "truncated": truncated,
                    "tokens": tokens, "supervised_tokens": supervised},
         "length_histogram": [list(h) for h in hist],
         "errors": errors,
@@ -670,9 +686,8 @@ def prepare(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8"))})
-        Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask}, features=features).save_to_disk(
-            str(tmp / DATASET_SUBDIR))
+        ds = chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
+        ds.save_to_disk(str(tmp / DATASET_SUBDIR))
         save_file({"supervised": sup_counts, "all": all_counts}, str(tmp / TOKEN_COUNTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output_dir.exists():
@@ -915,10 +930,12 @@ def eagle_shift(
     pos = positions_in_document(docs)
     aux = None
     if aux_hidden is not None:
-        aux = aux_hidden * valid[..., None].to(aux_hidden.dtype)
+        aux = torch.where(valid[..., None], aux_hidden, torch.zeros((), dtype=aux_hidden.dtype,
+                                                                   device=aux_hidden.device))
     fin = None
     if final_hidden is not None:
-        fin = _shift_next(final_hidden, 1) * valid[..., None].to(final_hidden.dtype)
+        fin = torch.where(valid[..., None], _shift_next(final_hidden, 1),
+                          torch.zeros((), dtype=final_hidden.dtype, device=final_hidden.device))
     exi = None
     if example_index is not None:
         exi = torch.where(valid, example_index, torch.full_like(example_index, -1))
