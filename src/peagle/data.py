@@ -687,7 +687,16 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         ds = chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
-        ds.save_to_disk(str(tmp / DATASET_SUBDIR))
+        from datasets.utils import logging as ds_logging
+
+        was_enabled = ds_logging.is_progress_bar_enabled()
+        if not progress:
+            ds_logging.disable_progress_bar()
+        try:
+            ds.save_to_disk(str(tmp / DATASET_SUBDIR))
+        finally:
+            if was_enabled:
+                ds_logging.enable_progress_bar()
         save_file({"supervised": sup_counts, "all": all_counts}, str(tmp / TOKEN_COUNTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output_dir.exists():
