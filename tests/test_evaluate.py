@@ -1,0 +1,333 @@
+"""peagle.evaluate: the one-pass acceptance simulation equals a literal speculative-decoding loop,
+vLLM's metric definitions on hand-made sequences, d2t mapping, context rejection, plots, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peagle.cod import document_starts, full_cod
+from peagle.draft import DraftConfig, PEagleDraft
+from peagle.evaluate import (
+    ContinuationSet,
+    EvalError,
+    _rounds_by_k,
+    acceptance_metrics,
+    acceptance_on,
+    cli_main,
+    draft_token_tables,
+    evaluate,
+    leading_matches,
+    literal_speculative_decode,
+    load_prompts,
+    simulate_rounds,
+)
+from peagle.mask import DenseCODAttention
+from peagle.target import Target
+
+K_MAX = 4
+NEW_TOKENS = 14
+PROMPTS = [
+    {"prompt": "count from 3 to 9"},
+    {"messages": [{"role": "user", "content": "sort these words: pear, apple, fig"},
+                  {"role": "assistant", "content": "ignored reference answer"}]},
+    {"text": "The word apple has"},
+]
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: a tiny target, its greedy continuations, and a draft trained a little on them
+
+
+@pytest.fixture(scope="module")
+def target(llama_dir):
+    return Target(llama_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cset(target):
+    return ContinuationSet.prepare(target, PROMPTS, NEW_TOKENS, batch_size=2, progress=False)
+
+
+def _new_draft(target, seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = DraftConfig.from_target(target.config, mask_token_id=target.vocab_size - 1, num_hidden_layers=1,
+                                  intermediate_size=64, num_speculative_tokens=K_MAX, **overrides)
+    return PEagleDraft(cfg)
+
+
+def _flat(cs):
+    ids, aux, docs = [], [], []
+    for j in range(len(cs)):
+        seq = cs.sequence(j)
+        n = len(seq) - 1
+        ids.append(torch.tensor(seq[1:]))
+        aux.append(cs.aux[j][:n])
+        docs.append(torch.full((n,), j))
+    return torch.cat(ids), torch.cat(aux).float(), torch.cat(docs)
+
+
+def _dense_forward(draft, cs, k):
+    """Reference: ONE flat forward over every (anchor, depth) with the dense COD mask."""
+    ids, aux, docs = _flat(cs)
+    anchor, depth = full_cod(docs, k)
+    pos = torch.arange(ids.numel()) - document_starts(docs)
+    hidden = torch.where((depth == 0)[:, None], draft.project_aux(aux[anchor]), draft.projected_mask_hidden()[None])
+    inp = torch.where(depth == 0, ids[anchor], draft.config.mask_token_id)
+    h = draft(inp, hidden, pos[anchor] + depth, DenseCODAttention(anchor, depth, docs))
+    return ids, docs, anchor, depth, h
+
+
+def _train(draft, cs, steps, lr=3e-3):
+    """A few CE steps towards the target's tokens, so acceptance is neither zero nor total."""
+    opt = torch.optim.Adam(draft.parameters(), lr=lr)
+    for _ in range(steps):
+        ids, docs, anchor, depth, h = _dense_forward(draft, cs, K_MAX)
+        n = ids.numel()
+        nxt = (anchor + depth + 1).clamp(max=n - 1)
+        ok = (anchor + depth + 1 < n) & (docs[nxt] == docs[anchor])
+        labels = torch.where(ok, ids[nxt], -100)
+        loss = F.cross_entropy(draft.logits(h), labels, ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    draft.eval()
+    return draft
+
+
+@pytest.fixture(scope="module")
+def draft(target, cset):
+    return _train(_new_draft(target), cset, steps=40)
+
+
+# ------------------------------------------------------------------------------------------------
+# metrics and the round simulation on hand-made data
+
+
+def test_acceptance_metrics_hand_made():
+    m = acceptance_metrics([0, 2, 4, 1], 4)
+    assert m["num_drafts"] == 4
+    assert m["num_draft_tokens"] == 16
+    assert m["num_accepted_tokens"] == 7
+    assert m["acceptance_length"] == pytest.approx(2.75)  # 1 + 7/4
+    assert m["per_position"] == pytest.approx([0.75, 0.5, 0.25, 0.25])  # ≥1, ≥2, ≥3, ≥4 accepted
+    assert m["draft_acceptance_rate"] == pytest.approx(7 / 16)
+    assert m["acceptance_length"] == pytest.approx(1 + sum(m["per_position"]))
+
+    m = acceptance_metrics([3, 3, 0], 3)
+    assert m["acceptance_length"] == pytest.approx(3.0)  # 1 + 6/3
+    assert m["per_position"] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert m["draft_acceptance_rate"] == pytest.approx(6 / 9)
+
+    empty = acceptance_metrics([], 2)
+    assert empty["num_drafts"] == 0 and math.isnan(empty["acceptance_length"])
+    with pytest.raises(ValueError):
+        acceptance_metrics([5], 4)
+    with pytest.raises(ValueError):
+        acceptance_metrics([1], 0)
+
+
+def test_simulation_hand_made():
+    # x = 10..17 (T = 8), prompt = x0 x1 (P = 2): first anchor a = 1 (bonus x2), depth d predicts x_{a+d+2}
+    x = list(range(10, 18))
+    table = torch.full((7, 3), 99)
+    table[1] = torch.tensor([13, 14, 99])  # x3 x4 right, x5 wrong
+    table[3] = torch.tensor([99, 16, 17])  # wrong at depth 0
+    table[4] = torch.tensor([16, 17, 18])  # x6 x7 right; x8 is past the end
+    runs = leading_matches(table, x)
+    assert runs.tolist() == [0, 2, 0, 0, 2, 0, 0]
+    # K=3: a=1 accepts 2 → a=4 accepts 2 (capped at the end) → a=7: a+2 > T−1, done
+    assert simulate_rounds(runs, 2, 8, 3) == [2, 2]
+    assert simulate_rounds(runs, 2, 8, 2) == [2, 2]
+    # K=1 takes another path: a=1 → 1, a=3 → 0, a=4 → 1, a=6 is the last token: no round
+    assert simulate_rounds(runs, 2, 8, 1) == [1, 0, 1]
+    assert acceptance_metrics(simulate_rounds(runs, 2, 8, 1), 1)["acceptance_length"] == pytest.approx(5 / 3)
+    # a generation of one token (T = P + 1) never drafts
+    assert simulate_rounds([0], 2, 3, 4) == []
+
+
+def test_load_prompts_errors(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"prompt": \n')
+    with pytest.raises(EvalError, match=r"p.jsonl:2"):
+        load_prompts(bad)
+    bad.write_text('{"question": "hi"}\n')
+    with pytest.raises(EvalError, match=r"p.jsonl:1"):
+        load_prompts(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness
+
+
+def test_prompts_continuations_and_states(cset, target, chat_tokenizer):
+    tok = chat_tokenizer
+    # chat record: the template with the generation prompt, the reference answer dropped
+    text = tok.apply_chat_template(PROMPTS[1]["messages"][:1], add_generation_prompt=True, tokenize=False)
+    assert cset.prompt_ids[1] == tok(text, add_special_tokens=False)["input_ids"]
+    # plain prompt: one user message through the template; text: raw
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]["prompt"]}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert cset.prompt_ids[0] == tok(text, add_special_tokens=False)["input_ids"]
+    assert cset.prompt_ids[2] == tok(PROMPTS[2]["text"])["input_ids"]
+    stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
+    for j in range(len(cset)):
+        cont = cset.continuations[j]
+        assert 1 <= len(cont) <= NEW_TOKENS
+        assert not stops & set(cont[:-1])
+        assert cset.stop_reasons[j] == ("eos" if cont[-1] in stops else "length")
+        if cset.stop_reasons[j] == "length":
+            assert len(cont) == NEW_TOKENS
+        assert cset.aux[j].shape == (len(cset.sequence(j)), 3 * target.hidden_size)
+        # aux states of the whole sequence equal the target's states of that sequence alone
+        aux, _ = target.hidden_states(torch.tensor(cset.sequence(j)))
+        torch.testing.assert_close(cset.aux[j], aux)
+
+
+def test_one_pass_equals_dense_cod_forward(draft, cset):
+    """Depth-0 stream once + chunked chains == one flat forward with the dense COD mask."""
+    tables = draft_token_tables(draft, cset, K_MAX)
+    with torch.no_grad():
+        ids, docs, anchor, depth, h = _dense_forward(draft, cset, K_MAX)
+        pred = draft.draft_to_target(draft.logits(h).argmax(-1))
+    offset = 0
+    checked = 0
+    for j in range(len(cset)):
+        table = tables[j]
+        n = table.shape[0]
+        p = len(cset.prompt_ids[j])
+        for e in torch.nonzero(docs[anchor] == j).squeeze(1).tolist():
+            a, d = int(anchor[e]) - offset, int(depth[e])
+            if a >= p - 1 and a + d <= n - 2:  # every entry a round can read
+                assert int(table[a, d]) == int(pred[e])
+                checked += 1
+            else:
+                assert int(table[a, d]) == -1
+        offset += n
+    assert checked > 20
+    # chunking (one anchor per chunk, one prompt per group) changes nothing
+    small = draft_token_tables(draft, cset, K_MAX, max_positions=1, chunk_elements=1)
+    assert all(torch.equal(a, b) for a, b in zip(tables, small, strict=True))
+
+
+def test_one_pass_equals_literal_loop(draft, cset, target):
+    tables = draft_token_tables(draft, cset, K_MAX)
+    rounds = _rounds_by_k(cset, tables, K_MAX)
+    all_counts = []
+    for k in (1, 2, 4):
+        for j in range(len(cset)):
+            budget = NEW_TOKENS
+            counts, generated = literal_speculative_decode(target, draft, cset.prompt_ids[j], k, budget,
+                                                           return_tokens=True)
+            assert generated == cset.continuations[j], f"prompt {j}: literal loop generated other tokens"
+            assert counts == rounds[j][k], f"prompt {j}, K={k}: literal {counts} != one-pass {rounds[j][k]}"
+            if k == 4:
+                all_counts += counts
+        # the same numbers when the table is built for exactly this K
+        direct = _rounds_by_k(cset, draft_token_tables(draft, cset, k), k)
+        assert [r[k] for r in direct] == [r[k] for r in rounds]
+    assert any(m > 0 for m in all_counts), "trained draft never accepted anything: test is vacuous"
+    assert any(m == 0 for m in all_counts) and sum(all_counts) < 4 * len(all_counts), "all accepted"
+
+
+def test_acceptance_on_and_evaluate_agree(draft, cset, target, tmp_path):
+    draft.train()
+    res = acceptance_on(draft, cset, K_MAX)
+    assert draft.training  # mode restored
+    draft.eval()
+    out = evaluate(target, draft, cset, out_dir=tmp_path / "plots", json_path=tmp_path / "eval.json",
+                   progress=False, print_report=False)
+    assert res["acceptance_length"] == out.overall["acceptance_length"]
+    assert res["acceptance_length_by_k"] == out.acceptance_length
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert set(data["acceptance_length"]) == {"1", "2", "3", "4"}
+    assert len(data["per_position"]) == K_MAX
+    assert data["num_drafts"] == sum(p["num_drafts"] for p in data["prompts"])
+    assert data["num_drafts"] == out.num_drafts
+    rates = data["per_position"]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # cumulative → non-increasing
+    assert data["acceptance_length"]["4"] == pytest.approx(1 + sum(rates))
+    for name in ("acceptance_per_position.png", "al_vs_k.png", "al_histogram.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# d2t, context, plots, CLI
+
+
+def test_d2t_mapping_applied(draft, cset, target):
+    """A smaller draft vocab whose lm_head rows are the full draft's rows at ids S, with d2t = S − i,
+    predicts exactly the same target ids; with the offsets dropped it predicts other ids."""
+    full = draft_token_tables(draft, cset, K_MAX)
+    used = torch.unique(torch.cat([t[t >= 0] for t in full]))
+    v = target.vocab_size
+    extra = torch.arange(0, v, 7)
+    ids = torch.unique(torch.cat([used, extra]))
+    ids = ids[ids < v]
+    vd = ids.numel()
+    assert vd < v
+    small = _new_draft(target, draft_vocab_size=vd)
+    state = {k: t for k, t in draft.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")}
+    small.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        small.lm_head.weight.copy_(draft.lm_head.weight[ids])
+    t2d = torch.zeros(v, dtype=torch.bool)
+    t2d[ids] = True
+    small.set_vocab_mapping(ids - torch.arange(vd), t2d)
+    assert int(small.d2t.abs().sum()) > 0
+    small.eval()
+    mapped = draft_token_tables(small, cset, K_MAX)
+    assert all(torch.equal(a, b) for a, b in zip(full, mapped, strict=True))
+    assert acceptance_on(small, cset)["acceptance_length"] == acceptance_on(draft, cset)["acceptance_length"]
+    with torch.no_grad():
+        small.d2t.zero_()
+    unmapped = draft_token_tables(small, cset, K_MAX)
+    assert not all(torch.equal(a, b) for a, b in zip(full, unmapped, strict=True))
+
+
+def test_prompt_longer_than_context_rejected(target):
+    short_ctx = _new_draft(target, max_position_embeddings=12)
+    with pytest.raises(EvalError, match=r"prompt 1 has \d+ tokens, longer than the context \(12"):
+        evaluate(target, short_ctx, [{"prompt": "hi"}, {"prompt": "count from 3 to 9 " * 3}], 4,
+                 progress=False, print_report=False)
+    # a prompt that fits but whose budget does not: generation stops at the context
+    cs = ContinuationSet.prepare(target, [{"prompt": "hi"}], 50, max_context=12, progress=False)
+    assert len(cs.sequence(0)) <= 12
+    assert cs.stop_reasons[0] in ("context", "eos")
+
+
+def test_plot_helpers(tmp_path):
+    from peagle import plots
+
+    paths = [
+        plots.plot_loss_curve([1, 2, 3], [3.0, 2.0, 1.5], tmp_path / "loss.png", val_steps=[3], val_losses=[1.7]),
+        plots.plot_depth_accuracy([1, 2, 3], {0: [0.1, 0.5, 0.8], 1: [0.0, None, 0.4]}, tmp_path / "acc.png"),
+        plots.plot_acceptance_bars([0.8, 0.5, float("nan")], tmp_path / "bars.png"),
+        plots.plot_al_vs_k({1: 1.8, "2": 2.3}, tmp_path / "alk.png"),
+        plots.plot_al_histogram([], tmp_path / "hist.png"),
+        plots.plot_lines(tmp_path / "al.png", [10, 20], {"AL": [1.5, 2.0]}, ylabel="AL"),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli(draft, llama_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    draft.save_pretrained(ckpt / "draft")  # a training checkpoint layout: the export under draft/
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))
+    rc = cli_main(["--target", str(llama_dir), "--draft", str(ckpt), "--prompts", str(prompts),
+                   "--max-new-tokens", "8", "--num-speculative-tokens", "2", "--out", str(tmp_path / "o"),
+                   "--device", "cpu", "--no-progress", "--check-exact"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "mean AL" in text and "2/2 prompts agree exactly" in text
+    data = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert set(data["acceptance_length"]) == {"1", "2"} and len(data["prompts"]) == 2
+    rc = cli_main(["--target", str(llama_dir), "--draft", str(tmp_path), "--prompts", str(prompts),
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 1
+    assert "neither an exported draft" in capsys.readouterr().err
