@@ -108,21 +108,48 @@ class FlexCODAttention:
 # Structured path: range attention (custom autograd) + chain attention, merged by log-sum-exp.
 
 
-def _chunks(order: Tensor, start: Tensor, end: Tensor, budget: int, heads: int):
-    """Split queries (sorted by range end) into chunks whose score tile stays under `budget`."""
-    longest = int((end - start + 1).clamp(min=1).max()) if end.numel() else 1
+def _chunks(start: Tensor, end: Tensor, budget: int, heads: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Split queries (already sorted by range end) into chunks whose score tile stays under `budget`.
+
+    Each chunk is (i, j, lo, hi, full_lo, full_hi): queries i..j-1 see keys within [lo, hi]; keys in
+    [full_lo, full_hi] are visible to every query of the chunk, so only the edges need masking.
+    """
+    if end.numel() == 0:
+        return []
+    live = start <= end
+    longest = int((end - start + 1)[live].max()) if bool(live.any()) else 1
     size = max(16, min(1024, budget // max(1, heads * longest)))
-    for i in range(0, order.numel(), size):
-        idx = order[i : i + size]
-        s, e = start[idx], end[idx]
-        live = s <= e
-        if not bool(live.any()):
-            continue
-        yield idx, int(s[live].min()), int(e[live].max())
+    out = []
+    starts, ends, lives = start.tolist(), end.tolist(), live.tolist()
+    for i in range(0, end.numel(), size):
+        j = min(i + size, end.numel())
+        s = [a for a, ok in zip(starts[i:j], lives[i:j], strict=True) if ok]
+        e = [b for b, ok in zip(ends[i:j], lives[i:j], strict=True) if ok]
+        if s:
+            out.append((i, j, min(s), max(e), max(s), min(e)))
+    return out
+
+
+def _edge_mask_(x: Tensor, start: Tensor, end: Tensor, lo: int, full_lo: int, full_hi: int, value: float) -> None:
+    """In place: x [..., c, R] over keys lo..lo+R-1 gets `value` outside each query's [start, end]."""
+    r = x.shape[-1]
+    if full_lo > lo:  # head columns [lo, full_lo)
+        pos = torch.arange(lo, full_lo, device=x.device)
+        x[..., : full_lo - lo].masked_fill_(pos[None, :] < start[:, None], value)
+    if full_hi - lo + 1 < r:  # tail columns (full_hi, hi]
+        pos = torch.arange(full_hi + 1, lo + r, device=x.device)
+        x[..., full_hi - lo + 1 :].masked_fill_(pos[None, :] > end[:, None], value)
+    if full_lo > full_hi:  # no column is shared by all queries: mask the middle too
+        pos = torch.arange(lo, lo + r, device=x.device)
+        x.masked_fill_((pos[None, :] < start[:, None]) | (pos[None, :] > end[:, None]), value)
 
 
 class _RangeAttention(torch.autograd.Function):
-    """Each query i attends keys start[i]..end[i] (inclusive); returns (out, lse) with lse differentiable."""
+    """Each query i attends keys start[i]..end[i] (inclusive); returns (out, lse) with lse differentiable.
+
+    Queries are sorted by range end once and laid out head-major ([Hkv, G, M, hd]) so every chunk is a
+    contiguous slice; scores of one chunk ([Hkv, G, c, R]) are the only quadratic buffer.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, start, end, scale, budget):
@@ -130,65 +157,63 @@ class _RangeAttention(torch.autograd.Function):
         hkv = k.shape[1]
         g = hq // hkv
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) accumulation
-        out = torch.zeros(m, hq, d, dtype=acc, device=q.device)
-        lse = torch.full((m, hq), float("-inf"), dtype=acc, device=q.device)
         order = torch.argsort(end, stable=True)
-        for idx, lo, hi in _chunks(order, start, end, budget, hq):
-            c = idx.numel()
-            qc = q[idx].to(acc).view(c, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * c, d)
-            kc = k[lo : hi + 1].to(acc).transpose(0, 1)
-            vc = v[lo : hi + 1].to(acc).transpose(0, 1)
-            s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale).view(hkv, g, c, -1)
-            pos = torch.arange(lo, hi + 1, device=q.device)
-            hidden = (pos[None, :] < start[idx, None]) | (pos[None, :] > end[idx, None])
-            s.masked_fill_(hidden, float("-inf"))
-            l = torch.logsumexp(s, dim=-1)
-            p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
-            o = torch.bmm(p.view(hkv, g * c, -1), vc)
-            out[idx] = o.view(hkv, g, c, d).permute(2, 0, 1, 3).reshape(c, hq, d)
-            lse[idx] = l.permute(2, 0, 1).reshape(c, hq)
-        ctx.save_for_backward(q, k, v, start, end, out, lse, order)
-        ctx.scale, ctx.budget = scale, budget
+        start_s, end_s = start[order], end[order]
+        qh = q[order].to(acc).view(m, hkv, g, d).permute(1, 2, 0, 3).contiguous()  # [hkv, g, m, d]
+        kh = k.to(acc).transpose(0, 1).contiguous()  # [hkv, n, d]
+        vh = v.to(acc).transpose(0, 1).contiguous()
+        out_h = torch.zeros(hkv, g, m, d, dtype=acc, device=q.device)
+        lse_h = torch.full((hkv, g, m), float("-inf"), dtype=acc, device=q.device)
+        chunks = _chunks(start_s, end_s, budget, hq)
+        for i, j, lo, hi, full_lo, full_hi in chunks:
+            s = torch.matmul(qh[:, :, i:j], kh[:, None, lo : hi + 1].transpose(-1, -2)).mul_(scale)
+            _edge_mask_(s, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, float("-inf"))
+            mx = s.amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, 0.0)
+            p = s.sub_(mx).exp_()
+            total = p.sum(-1, keepdim=True)
+            out_h[:, :, i:j] = torch.matmul(p, vh[:, None, lo : hi + 1]).div_(total)
+            lse_h[:, :, i:j] = (total.log_() + mx).squeeze(-1)
+        dead = start_s > end_s  # empty ranges (padding queries): out 0, lse -inf
+        out_h[:, :, dead] = 0.0
+        lse_h[:, :, dead] = float("-inf")
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(m, device=q.device)
+        ctx.save_for_backward(qh, kh, vh, start_s, end_s, out_h, lse_h, order, inv)
+        ctx.shape, ctx.scale, ctx.chunks = (m, hq, d, k.dtype, v.dtype, q.dtype), scale, chunks
+        out = out_h.permute(2, 0, 1, 3).reshape(m, hq, d)[inv]
+        lse = lse_h.permute(2, 0, 1).reshape(m, hq)[inv]
         return out.to(q.dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, start, end, out, lse, order = ctx.saved_tensors
-        scale = ctx.scale
-        m, hq, d = q.shape
-        hkv = k.shape[1]
-        g = hq // hkv
-        acc = out.dtype
-        dout = dout.to(acc) if dout is not None else torch.zeros_like(out)
-        dlse = dlse.to(acc) if dlse is not None else torch.zeros_like(lse)
-        delta = (dout * out).sum(-1) - dlse  # [m, hq]
-        dq = torch.zeros(m, hq, d, dtype=acc, device=q.device)
-        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-
-        def heads_first(x, c):  # [c, hq, ...] -> [hkv, g*c, ...]
-            return x.view(c, hkv, g, *x.shape[2:]).permute(1, 2, 0, *range(3, x.dim() + 1)).reshape(
-                hkv, g * c, *x.shape[2:]
-            )
-
-        for idx, lo, hi in _chunks(order, start, end, ctx.budget, hq):
-            c = idx.numel()
-            qc = heads_first(q[idx].to(acc), c)
-            kc = k[lo : hi + 1].to(acc).transpose(0, 1)
-            vc = v[lo : hi + 1].to(acc).transpose(0, 1)
-            s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale)
-            l = heads_first(lse[idx], c)
-            p = torch.exp(s - torch.where(torch.isfinite(l), l, 0.0)[..., None])
-            pos = torch.arange(lo, hi + 1, device=q.device)
-            hidden = (pos[None, :] < start[idx, None]) | (pos[None, :] > end[idx, None])
-            p.view(hkv, g, c, -1).masked_fill_(hidden, 0.0)
-            doc = heads_first(dout[idx], c)
-            dv[lo : hi + 1] += torch.bmm(p.transpose(1, 2), doc).transpose(0, 1)
-            dp = torch.bmm(doc, vc.transpose(1, 2))
-            ds = p.mul_(dp.sub_(heads_first(delta[idx], c)[..., None])).mul_(scale)
-            dq[idx] = torch.bmm(ds, kc).view(hkv, g, c, d).permute(2, 0, 1, 3).reshape(c, hq, d)
-            dk[lo : hi + 1] += torch.bmm(ds.transpose(1, 2), qc).transpose(0, 1)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        qh, kh, vh, start_s, end_s, out_h, lse_h, order, inv = ctx.saved_tensors
+        m, hq, d, kdt, vdt, qdt = ctx.shape
+        hkv, g = kh.shape[0], hq // kh.shape[0]
+        scale, acc = ctx.scale, out_h.dtype
+        dout_h = (dout[order].to(acc).view(m, hkv, g, d).permute(1, 2, 0, 3).contiguous()
+                  if dout is not None else torch.zeros_like(out_h))
+        delta = (dout_h * out_h).sum(-1)  # [hkv, g, m]
+        if dlse is not None:
+            delta -= dlse[order].to(acc).view(m, hkv, g).permute(1, 2, 0)
+        dq_h = torch.zeros_like(qh)
+        dk_h = torch.zeros_like(kh)
+        dv_h = torch.zeros_like(vh)
+        for i, j, lo, hi, full_lo, full_hi in ctx.chunks:
+            kc, vc = kh[:, None, lo : hi + 1], vh[:, None, lo : hi + 1]
+            s = torch.matmul(qh[:, :, i:j], kc.transpose(-1, -2)).mul_(scale)
+            l = lse_h[:, :, i:j, None]
+            p = s.sub_(torch.where(torch.isfinite(l), l, 0.0)).exp_()
+            _edge_mask_(p, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, 0.0)
+            p.masked_fill_((start_s[i:j] > end_s[i:j])[:, None], 0.0)
+            do = dout_h[:, :, i:j]
+            dv_h[:, lo : hi + 1] += torch.matmul(p.transpose(-1, -2), do).sum(1)
+            dp = torch.matmul(do, vc.transpose(-1, -2))
+            ds = p.mul_(dp.sub_(delta[:, :, i:j, None])).mul_(scale)
+            dq_h[:, :, i:j] = torch.matmul(ds, kc)
+            dk_h[:, lo : hi + 1] += torch.matmul(ds.transpose(-1, -2), qh[:, :, i:j]).sum(1)
+        dq = dq_h.permute(2, 0, 1, 3).reshape(m, hq, d)[inv]
+        return dq.to(qdt), dk_h.transpose(0, 1).to(kdt), dv_h.transpose(0, 1).to(vdt), None, None, None, None
 
 
 def range_attention(
