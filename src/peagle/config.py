@@ -95,6 +95,7 @@ class ModelConfig:
     norm_before_fc: bool = _f(False)
     fc_norm: bool = _f(False)
     norm_output: bool = _f(False)
+    init_embed_from_target: bool = _f(True, help="start embed_tokens from the target's input embedding")
     init_lm_head_from_target: bool = _f(False, help="initialise lm_head from the target's draft-vocab rows")
     freeze_lm_head: bool = _f(False, help="keep lm_head fixed (use with init_lm_head_from_target)")
     activation_checkpointing: bool = _f(False, help="recompute draft layers in backward")

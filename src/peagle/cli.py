@@ -1,0 +1,261 @@
+"""``peagle prepare | train | eval | export | demo``.
+
+User errors (bad config, data, paths, checkpoints) print ONE line ``peagle: error: ...`` on stderr
+and exit with status 1 (argparse usage errors: 2); unexpected exceptions keep their traceback (set
+``PEAGLE_DEBUG=1`` to get tracebacks for user errors too). ``peagle train`` exits with 130 when it
+was interrupted by SIGINT/SIGTERM after saving a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+USER_ERROR_EXIT_CODE = 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "bad input", printed as one line."""
+    kinds: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError]
+    try:
+        from .errors import PeagleError  # type: ignore[import-not-found]
+
+        kinds.append(PeagleError)
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) and text.startswith("'"):
+        text = text.strip("'")
+    return " ".join(text.split()) if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def _add_prepare(sub: Any) -> None:
+    p = sub.add_parser("prepare", help="tokenize chat data with the target's chat template",
+                       description="Tokenize chat data (JSONL/JSON/parquet/datasets dir) with the target's "
+                       "tokenizer and chat template, choose the draft vocabulary and mask token, and "
+                       "optionally cache the target's hidden states for offline training.")
+    p.add_argument("inputs", nargs="+", help="chat data files or directories")
+    p.add_argument("--target", required=True, help="target model (or tokenizer) directory")
+    p.add_argument("--out", required=True, help="output directory for the tokenized dataset")
+    p.add_argument("--max-length", type=int, default=2048, help="max tokens per example (default 2048)")
+    p.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
+    p.add_argument("--drop-long", action="store_true", help="drop examples longer than --max-length "
+                   "(default: truncate)")
+    p.add_argument("--limit", type=int, default=None, help="use at most N records")
+    p.add_argument("--split", default=None, help="split and slice, e.g. train, train[:1000], train[:5%%]")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="draft vocabulary size: the N most frequent supervised tokens (default: full vocab)")
+    p.add_argument("--mask-token-id", default="auto", help="'auto' or a token id that never occurs in the data")
+    p.add_argument("--cache", default=None, help="also write the target's hidden states here (offline mode)")
+    p.add_argument("--cache-shard-size", type=int, default=1024, help="examples per cache shard")
+    p.add_argument("--device", default=None, help="device for --cache (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _target_vocab_size(target: str, trust_remote_code: bool) -> int | None:
+    if not (Path(target) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(cfg, "vocab_size", 0) or 0) or None
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import DataError, load_prepared, prepare
+    from .train import DRAFT_CHOICE
+    from .vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
+
+    if args.max_length < 2:
+        raise DataError(f"--max-length must be at least 2, got {args.max_length}")
+    if args.limit is not None and args.limit < 1:
+        raise DataError(f"--limit must be >= 1, got {args.limit}")
+    if not Path(args.target).exists():
+        raise DataError(f"--target {args.target}: no such directory")
+    mask_req: int | str = args.mask_token_id
+    if mask_req != "auto":
+        try:
+            mask_req = int(mask_req)
+        except ValueError:
+            raise DataError(f"--mask-token-id must be 'auto' or an integer, got {args.mask_token_id!r}") from None
+    vocab_size = _target_vocab_size(args.target, args.trust_remote_code)
+    if vocab_size is not None:  # cheap checks before tokenizing anything
+        if isinstance(mask_req, int):
+            check_mask_token(mask_req, vocab_size)
+        if args.draft_vocab_size is not None and not 1 <= args.draft_vocab_size <= vocab_size:
+            raise DataError(f"--draft-vocab-size must be in [1, {vocab_size}] (the target vocab), "
+                            f"got {args.draft_vocab_size}")
+    if args.cache is not None and vocab_size is None:
+        raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
+
+    summary = prepare(args.inputs, args.target, args.out, max_length=args.max_length,
+                      last_turn_only=args.last_turn_only, drop_long=args.drop_long, split=args.split,
+                      limit=args.limit, chat_template=args.chat_template, vocab_size=vocab_size,
+                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    print(summary.format_summary())
+    data = load_prepared(args.out)
+    V = int(data.manifest["vocab_size"])
+    size = args.draft_vocab_size or V
+    if size > V:
+        raise DataError(f"--draft-vocab-size {size} exceeds the target vocab ({V})")
+    vocab = build_draft_vocab(data.supervised_counts, size)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
+    mask = choose_mask_token_id(tokenizer, V, mask_req, data.all_counts)
+    choice = {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": V}
+    (Path(args.out) / DRAFT_CHOICE).write_text(json.dumps(choice, indent=2) + "\n")
+    print(f"draft vocabulary: {size} of {V} tokens, covering {vocab.coverage:.2%} of supervised tokens")
+    print(f"mask_token_id: {mask}")
+    if args.cache is not None:
+        from .cache import write_cache
+        from .target import Target
+
+        target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
+        manifest = write_cache(target, data, args.cache, shard_size=args.cache_shard_size,
+                               progress=not args.no_progress)
+        print(f"cached target states of {manifest['num_examples']} examples in {args.cache}")
+    print(f"prepared dataset: {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train / export / eval / demo
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a P-EAGLE draft (single process or under torchrun)",
+        description="Train a P-EAGLE draft. Any config key can be overridden on the command line as "
+        "--section.key VALUE (e.g. --optim.lr 1e-4 --train.max_steps 100). Exit status 130: "
+        "interrupted by SIGINT/SIGTERM after saving a checkpoint (continue with --resume auto).",
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' = newest complete one in "
+                   "train.output_dir (none: start fresh)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import config_to_dict, load_config
+    from .train import INTERRUPTED_EXIT_CODE, train
+
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        return 0
+    result = train(cfg, resume=args.resume)
+    if result.interrupted:
+        print(f"peagle: interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} "
+              "(continue with --resume auto)", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    return 0
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write a speculators-format draft (config.json + model.safetensors)",
+                       description="Export a training checkpoint (or a run's output dir: its newest complete "
+                       "checkpoint) to the speculators format vLLM loads.")
+    p.add_argument("checkpoint", help="step-XXXXXXXX checkpoint dir, run output dir, or exported draft")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--verifier", default=None, help="verifier name_or_path to record (e.g. a hub id)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, verifier=args.verifier)
+    print(f"exported draft: {out}")
+    return 0
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    """Run ``peagle.<module>``'s ``cli_main(argv)`` (imported lazily: other commands never need it)."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f".{module}", __package__)
+    except ImportError as e:
+        raise RuntimeError(f"peagle {module}: this installation lacks peagle.{module} ({e})") from None
+    fn = getattr(mod, "cli_main", None) or getattr(mod, "main", None)
+    if fn is None:
+        raise RuntimeError(f"peagle.{module} has no cli_main()")
+    return int(fn(argv) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (eval and demo forward their arguments to their own parsers)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="peagle", description="Train P-EAGLE draft heads that vLLM serves.")
+    parser.add_argument("--version", action="version", version=f"peagle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval,export,demo}")
+    sub.required = True
+    _add_prepare(sub)
+    _add_train(sub)
+    sub.add_parser("eval", help="exact offline acceptance length (see `peagle eval --help`)", add_help=False)
+    _add_export(sub)
+    sub.add_parser("demo", help="the embedded CPU demo (see `peagle demo --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``peagle`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("eval", "demo"):
+        return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
+    parser = build_parser()
+    if argv and argv[0] == "train":
+        args, rest = parser.parse_known_args(argv)
+    else:
+        args, rest = parser.parse_args(argv), []
+    if args.command == "prepare":
+        return _guard(lambda: _cmd_prepare(args))
+    if args.command == "train":
+        return _guard(lambda: _cmd_train(args, rest))
+    if args.command == "export":
+        return _guard(lambda: _cmd_export(args))
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _guard(fn: Any) -> int:
+    debug = os.environ.get("PEAGLE_DEBUG", "") not in ("", "0")
+    try:
+        return int(fn())
+    except KeyboardInterrupt:
+        print("peagle: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        print(f"peagle: error: {_one_line(e)}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

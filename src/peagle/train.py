@@ -1,0 +1,749 @@
+"""The training loop: data → target states → P-EAGLE steps, single process or under ``torchrun``.
+
+One optimizer step consumes ``G = world_size × grad_accum × micro_batch_size`` packed rows of the
+current epoch (micro-batch j of rank r = rows ``[(j·W + r)·mb, (j·W + r + 1)·mb)`` of the step), so
+the union of a step's rows depends only on G, not on how it is split over ranks and micro-batches.
+COD seeds come from (run seed, epoch, example index), so sampling is the same whatever the split.
+
+The loss of every forward is its KL sum divided by ONE count: the supervised COD elements of the
+whole optimizer step (counted before any forward, all-reduced over ranks). DDP gradients are summed
+(not averaged) by a communication hook, so W ranks × A micro-batches give the gradient of one
+process on the union batch. Sequence partitions run one backward per unit with ``no_sync`` on every
+backward but the step's last.
+
+Exact resume: a checkpoint holds the draft, AdamW moments, scheduler, RNG states and the data
+position (epoch, rows consumed); epoch orders are recomputed from the seed, so a resumed run takes
+the same steps as one that never stopped. SIGINT/SIGTERM: the current step finishes, a checkpoint
+is written, and ``peagle train`` exits with status 130 (``TrainResult.interrupted``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .checkpoint import (
+    TrainState,
+    capture_rng,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
+from .config import Config, ConfigError, config_to_dict
+
+__all__ = ["TrainResult", "train", "lr_factor", "INTERRUPTED_EXIT_CODE"]
+
+INTERRUPTED_EXIT_CODE = 130
+VAL_EPOCH = -1  # COD seed "epoch" of the validation split: the same sample at every evaluation
+FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What a ``train`` call did."""
+
+    step: int
+    total_steps: int
+    interrupted: bool
+    output_dir: Path
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warmup, cosine to the floor."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    initialized_here: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _init_distributed(device_pref: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available")
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    here = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        here = True
+    return _Dist(rank, world, local_rank, device, here)
+
+
+def _all_reduce(t: Tensor, d: _Dist) -> Tensor:
+    if d.active:
+        dist.all_reduce(t)
+    return t
+
+
+def _sum_hook(state: Any, bucket: Any) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: SUM gradients over ranks (the loss is already globally normalised)."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class _Data:
+    """Train/val split, per-epoch packed rows, and Batch assembly (online target or offline cache)."""
+
+    def __init__(self, cfg: Config, prepared: Any, rows_per_step: int) -> None:
+        from .data import pack
+
+        self.cfg = cfg
+        self.prepared = prepared
+        self.lengths = prepared.lengths
+        n = len(self.lengths)
+        max_length = cfg.data.max_length
+        too_long = [i for i, L in enumerate(self.lengths) if L > max_length]
+        if too_long:
+            raise ConfigError(
+                f"data.max_length {max_length} is shorter than {len(too_long)} prepared examples "
+                f"(longest {max(self.lengths)} tokens); raise it or prepare with --max-length {max_length}"
+            )
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        perm = torch.randperm(n, generator=g).tolist()
+        n_val = 0
+        if cfg.data.val_fraction > 0:
+            n_val = max(1, round(n * cfg.data.val_fraction))
+            if n_val >= n:
+                raise ConfigError(f"data.val_fraction {cfg.data.val_fraction} leaves no training example ({n})")
+        self.val_ids = sorted(perm[:n_val])
+        self.train_ids = sorted(perm[n_val:])
+        self.rows_per_step = rows_per_step
+        self._pack = pack
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        rows0 = len(self.epoch_rows(0))
+        if rows0 < rows_per_step:
+            raise ConfigError(
+                f"the training split packs into {rows0} rows of {max_length} tokens, but one optimizer step "
+                f"needs {rows_per_step} rows (world size × train.grad_accum × train.micro_batch_size); "
+                "lower those, or data.max_length"
+            )
+        self.val_rows = [[self.val_ids[i] for i in row] for row in
+                         pack([self.lengths[i] for i in self.val_ids], max_length)] if self.val_ids else []
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """Packed rows (global example indices) of ``epoch``: a deterministic function of (seed, epoch)."""
+        rows = self._epoch_cache.get(epoch)
+        if rows is None:
+            seed = None
+            if self.cfg.data.shuffle:
+                seed = (self.cfg.train.seed * 1_000_003 + epoch * 7_919 + 1) % (2**62)
+            local = self._pack([self.lengths[i] for i in self.train_ids], self.cfg.data.max_length, seed=seed)
+            rows = [[self.train_ids[i] for i in row] for row in local]
+            self._epoch_cache = {e: r for e, r in self._epoch_cache.items() if e >= epoch - 1}
+            self._epoch_cache[epoch] = rows
+        return rows
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return len(self.epoch_rows(epoch)) // self.rows_per_step
+
+    def collate(self, rows: list[list[int]]) -> Any:
+        from .data import collate
+
+        return collate(self.prepared, rows, self.cfg.data.max_length)
+
+
+@dataclass
+class _Micro:
+    """One micro-batch: packed rows (unshifted) plus its shifted COD inputs."""
+
+    packed: Any
+    shifted: Any  # data.Shifted without hidden states
+    seeds: Tensor
+    tokens: int
+
+
+def _micro(data: _Data, rows: list[list[int]], run_seed: int, epoch: int) -> _Micro:
+    from .data import cod_seeds, eagle_shift
+
+    packed = data.collate(rows)
+    sh = eagle_shift(packed.input_ids, packed.loss_mask, packed.document_ids,
+                     example_index=packed.example_index)
+    seeds = cod_seeds(sh.example_index, run_seed, epoch)
+    return _Micro(packed, sh, seeds, int((packed.document_ids >= 0).sum()))
+
+
+def _count_batch(m: _Micro, aux_width: int, hidden_width: int) -> Any:
+    """A Batch with zero-stride placeholder states: enough for ``count_supervised`` (no target run)."""
+    from .trainer import Batch
+
+    b, n = m.shifted.input_ids.shape
+    zero = torch.zeros(())
+    return Batch(input_ids=m.shifted.input_ids, aux_hidden=zero.expand(b, n, aux_width),
+                 loss_mask=m.shifted.loss_mask, document_ids=m.shifted.document_ids,
+                 target_hidden=zero.expand(b, n, hidden_width), cod_seeds=m.seeds,
+                 position_ids=m.shifted.position_ids)
+
+
+def _full_batch(m: _Micro, source: Any, device: torch.device) -> Any:
+    """Run the target (or read the cache) on the packed rows and build the shifted Batch."""
+    from .data import eagle_shift
+    from .trainer import Batch
+
+    aux, final = source.states(m.packed)
+    p = m.packed
+    sh = eagle_shift(p.input_ids.to(aux.device), p.loss_mask.to(aux.device), p.document_ids.to(aux.device),
+                     aux, final, example_index=p.example_index.to(aux.device))
+    return Batch(input_ids=sh.input_ids, aux_hidden=sh.aux_hidden, loss_mask=sh.loss_mask,
+                 document_ids=sh.document_ids, target_hidden=sh.final_hidden,
+                 cod_seeds=m.seeds.to(aux.device), position_ids=sh.position_ids).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# model construction
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _vocab_and_mask(cfg: Config, prepared: Any, tokenizer_len: int, vocab_size: int) -> tuple[Any, int]:
+    """Draft vocabulary and mask token: the ones recorded by ``peagle prepare`` unless overridden."""
+    from .vocab import DraftVocab, build_draft_vocab, check_mask_token
+
+    rec = read_draft_choice(prepared.path)
+    size = cfg.model.draft_vocab_size or rec.get("draft_vocab_size") or vocab_size
+    if size > vocab_size:
+        raise ConfigError(f"model.draft_vocab_size {size} exceeds the target vocab ({vocab_size})")
+    counts = prepared.supervised_counts[:vocab_size]
+    counts = torch.nn.functional.pad(counts, (0, vocab_size - counts.numel()))
+    vocab: DraftVocab = build_draft_vocab(counts, size)
+    mask = cfg.model.mask_token_id
+    if mask == "auto":
+        mask = rec.get("mask_token_id")
+        if mask is None:  # prepared without a recorded choice: first id the tokenizer never produces
+            if tokenizer_len >= vocab_size:
+                raise ConfigError("model.mask_token_id: auto found no free embedding row; set it explicitly "
+                                  "(an id that never occurs in the data), or record one with peagle prepare")
+            mask = tokenizer_len
+    try:
+        mask = check_mask_token(int(mask), vocab_size, prepared.all_counts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return vocab, mask
+
+
+DRAFT_CHOICE = "draft_vocab.json"
+
+
+def read_draft_choice(prepared_dir: str | Path) -> dict[str, Any]:
+    """The draft vocab size and mask token recorded by ``peagle prepare`` (empty if none)."""
+    path = Path(prepared_dir) / DRAFT_CHOICE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) -> tuple[Any, Any, Any, Any]:
+    """(target, draft, draft vocab, state source): the source is the target (online) or the cache."""
+    from .draft import DraftConfig, PEagleDraft
+    from .target import Target, TargetError
+
+    offline = cfg.data.cache is not None
+    target_device = torch.device("cpu") if offline and not need_target_on_device else d.device
+    try:
+        target = Target(cfg.model.target, aux_layer_ids=cfg.model.aux_layer_ids, device=target_device,
+                        dtype=_dtype(cfg.model.target_dtype, target_device),
+                        trust_remote_code=cfg.model.trust_remote_code)
+    except TargetError as e:
+        raise ConfigError(f"model.target: {e}") from None
+    tok_len = int((prepared.manifest.get("tokenizer") or {}).get("len") or target.vocab_size)
+    vocab, mask = _vocab_and_mask(cfg, prepared, tok_len, target.vocab_size)
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    dcfg = DraftConfig.from_target(
+        target.model.config, mask_token_id=mask, num_hidden_layers=m.num_layers,
+        draft_vocab_size=vocab.size, norm_before_residual=m.norm_before_residual,
+        norm_before_fc=m.norm_before_fc, fc_norm=m.fc_norm, norm_output=m.norm_output,
+        aux_layer_ids=list(target.aux_layer_ids), num_speculative_tokens=m.num_depths,
+        verifier_name_or_path=m.target_name or m.target,
+    )
+    draft = PEagleDraft(dcfg)
+    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    if m.init_embed_from_target:
+        emb = target.model.get_input_embeddings().weight.detach().float().cpu()
+        draft.init_embed_tokens_from_target(emb)
+    if m.init_lm_head_from_target:
+        draft.init_lm_head_from_target(target.lm_head.weight.detach().float().cpu())
+    if m.freeze_lm_head:
+        draft.freeze_lm_head()
+    draft.gradient_checkpointing = m.activation_checkpointing
+    if offline:
+        from .cache import CachedStates, CacheError
+
+        try:
+            source = CachedStates(cfg.data.cache, dtype=torch.float32 if d.device.type == "cpu" else None)
+        except CacheError as e:
+            raise ConfigError(f"data.cache: {e}") from None
+        if len(source) != len(prepared) or tuple(source.aux_layer_ids) != tuple(target.aux_layer_ids):
+            raise ConfigError(
+                f"data.cache {cfg.data.cache} was built for another dataset or target "
+                f"({len(source)} examples, aux layers {list(source.aux_layer_ids)}; expected {len(prepared)}, "
+                f"{list(target.aux_layer_ids)})"
+            )
+    else:
+        source = target
+    return target, draft, vocab, source
+
+
+def _param_groups(draft: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in draft.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and name != "mask_hidden" else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class _Logger:
+    """Rank-0 sinks: JSONL metrics file, TensorBoard scalars, the progress bar."""
+
+    def __init__(self, cfg: Config, out: Path, total: int, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self.file = None
+        if not enabled:
+            return
+        path = out / METRICS_FILE
+        if path.exists() and start > 0:  # drop records past the resumed step (they will be redone)
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif path.exists():
+            path.unlink()
+        self.file = open(path, "a")
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start if start else None)
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.tb = None
+        if cfg.train.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any], prefix: str) -> None:
+        if not self.enabled:
+            return
+        assert self.file is not None
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = int(record["step"])
+            for k, v in record.items():
+                if k in ("step", "split") or not isinstance(v, (int, float)) or isinstance(v, bool):
+                    continue
+                if isinstance(v, float) and not math.isfinite(v):
+                    continue
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def progress(self, record: dict[str, Any], num_depths: int) -> None:
+        if self.bar is None:
+            return
+        accs = "/".join(f"{record.get(f'acc_{d}', float('nan')):.2f}" for d in range(min(num_depths, 4)))
+        self.bar.set_postfix_str(f"loss={record['loss']:.3f} acc={accs} tok/s={record['tokens_per_s']:.0f}")
+        self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# signals
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, saves and exits. A second signal aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if _in_main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: stop now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and acceptance
+
+
+@torch.no_grad()
+def _validate(trainer: Any, data: _Data, source: Any, cfg: Config, d: _Dist, autocast: Any) -> dict[str, float]:
+    from .trainer import StepMetrics
+
+    was_training = trainer.training
+    trainer.eval()
+    total = StepMetrics.zeros(cfg.model.num_depths)
+    mb = cfg.train.micro_batch_size
+    mine = data.val_rows[d.rank::d.world]
+    for i in range(0, len(mine), mb):
+        m = _micro(data, mine[i:i + mb], cfg.train.seed, VAL_EPOCH)
+        batch = _full_batch(m, source, d.device)
+        with autocast():
+            out = trainer(batch)
+        total = total + out.metrics
+    trainer.train(was_training)
+    packed = _all_reduce(total.as_tensor().to(d.device), d).cpu()
+    return StepMetrics.from_tensor(packed).summary()
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def _global_step_rows(data: _Data, epoch: int, row: int) -> list[list[int]]:
+    return data.epoch_rows(epoch)[row:row + data.rows_per_step]
+
+
+def _rank_micro_rows(step_rows: list[list[int]], j: int, rank: int, world: int, mb: int) -> list[list[int]]:
+    start = (j * world + rank) * mb
+    return step_rows[start:start + mb]
+
+
+def _positions(data: _Data, state: TrainState, total: int) -> Iterator[tuple[int, int]]:
+    """(epoch, row_in_epoch) of every remaining step."""
+    epoch, row = state.epoch, state.row_in_epoch
+    for _ in range(state.step, total):
+        if row + data.rows_per_step > len(data.epoch_rows(epoch)):
+            epoch, row = epoch + 1, 0
+        yield epoch, row
+        row += data.rows_per_step
+
+
+def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = None) -> TrainResult:
+    """Run (or continue) the training described by ``cfg``; returns a :class:`TrainResult`.
+
+    ``resume``: a checkpoint path, an output dir, or ``"auto"`` (the newest complete checkpoint of
+    ``train.output_dir``; none = start fresh). ``stop_after``: behave as if interrupted after that
+    many total steps (tests and time-boxed jobs): checkpoint, no export, ``interrupted=True``.
+    """
+    from .data import DataError, load_prepared
+
+    out = Path(cfg.train.output_dir)
+    # -- cheap checks first: nothing heavy runs on a config or checkpoint that will be refused
+    if cfg.eval.prompts is not None and not Path(cfg.eval.prompts).is_file():
+        raise ConfigError(f"eval.prompts: file not found: {cfg.eval.prompts}")
+    if not (Path(cfg.model.target) / "config.json").is_file():
+        raise ConfigError(f"model.target: {cfg.model.target} is not a model directory (no config.json)")
+    ckpt = resolve_resume(resume, out) if resume else None
+    if resume is None and list_checkpoints(out):
+        raise ConfigError(
+            f"train.output_dir {out} already holds checkpoints; pass --resume auto to continue, "
+            "or choose another output directory"
+        )
+    try:
+        prepared = load_prepared(cfg.data.dataset)
+    except DataError as e:
+        raise ConfigError(f"data.dataset: {e}") from None
+
+    d = _init_distributed(cfg.train.device)
+    try:
+        return _run(cfg, d, prepared, out, ckpt, stop_after)
+    finally:
+        if d.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
+         stop_after: int | None) -> TrainResult:
+    from .trainer import PEagleTrainer, StepMetrics
+
+    t_cfg, m_cfg = cfg.train, cfg.model
+    rows_per_step = d.world * t_cfg.grad_accum * t_cfg.micro_batch_size
+    data = _Data(cfg, prepared, rows_per_step)
+    want_al = cfg.eval.enabled and cfg.eval.prompts is not None
+    target, draft, vocab, source = _build(cfg, prepared, d, need_target_on_device=want_al)
+    head = target.head(vocab.t2d)
+    if source is not target and not want_al:
+        target = None  # offline: the head is all we need from the target
+    draft.to(d.device)
+    trainer = PEagleTrainer(draft, num_depths=m_cfg.num_depths, ratio=m_cfg.ratio, ratio_min=m_cfg.ratio_min,
+                            max_anchors=m_cfg.max_anchors, sequence_partitions=m_cfg.sequence_partitions,
+                            target_head=head.to(d.device))
+    model: nn.Module = trainer
+    if d.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(trainer, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                    find_unused_parameters=True, broadcast_buffers=False)
+        model.register_comm_hook(None, _sum_hook)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(_param_groups(draft, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  eps=o.eps, foreach=True)
+    if t_cfg.max_steps is not None:
+        total = t_cfg.max_steps
+    else:
+        total = sum(data.steps_in_epoch(e) for e in range(t_cfg.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.min_lr_ratio))
+
+    state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
+    if ckpt is not None:
+        state, rngs = load_checkpoint(ckpt, model=draft, optimizer=optimizer, verify=False)
+        scheduler.load_state_dict(state.scheduler)
+        restore_rng(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
+        if state.rows_per_step != rows_per_step:
+            state.row_in_epoch = (state.row_in_epoch // rows_per_step) * rows_per_step
+        state.rows_per_step, state.world_size = rows_per_step, d.world
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    logger = _Logger(cfg, out, total, state.step, d.main)
+    if ckpt is not None:
+        logger.write(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch})")
+
+    use_autocast = _dtype(t_cfg.dtype, d.device) == torch.bfloat16
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        if not use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(d.device.type, dtype=torch.bfloat16)
+
+    aux_w = draft.config.fc_in_features
+    hid_w = draft.config.target_hidden_size
+    cs = None
+    result = TrainResult(step=state.step, total_steps=total, interrupted=False, output_dir=out)
+    last_saved = state.step if ckpt is not None else -1
+    params = [p for p in draft.parameters() if p.requires_grad]
+    config_dict = config_to_dict(cfg)
+
+    def save() -> Path | None:
+        nonlocal last_saved
+        state.scheduler = scheduler.state_dict()
+        rng = capture_rng()
+        if d.active:
+            gathered: list[Any] = [None] * d.world
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        path = None
+        if d.main:
+            path = save_checkpoint(out, state, model=draft, optimizer=optimizer, rng_states=gathered,
+                                   config=config_dict, keep_last=t_cfg.keep_last)
+            logger.write(f"saved checkpoint {path}")
+        if d.active:
+            dist.barrier()
+        last_saved = state.step
+        return path
+
+    def evaluate_now() -> dict[str, float]:
+        nonlocal cs
+        rec: dict[str, Any] = {"step": state.step, "split": "val"}
+        if data.val_rows:
+            rec.update(_validate(trainer, data, source, cfg, d, autocast))
+        if want_al and d.main:
+            from .evaluate import ContinuationSet, acceptance_on
+
+            if cs is None:
+                cs = ContinuationSet.prepare(target, cfg.eval.prompts, cfg.eval.max_new_tokens,
+                                             progress=False)
+                if len(cs) > cfg.eval.num_prompts:
+                    cs = _first_prompts(cs, cfg.eval.num_prompts)
+            acc = acceptance_on(draft, cs, m_cfg.num_depths)
+            rec["acceptance_length"] = float(acc["acceptance_length"])
+            for k, v in acc["acceptance_length_by_k"].items():
+                rec[f"al_k{k}"] = float(v)
+            for i, r in enumerate(acc.get("per_position", [])):
+                rec[f"accept_pos{i + 1}"] = float(r)
+        if d.active:
+            dist.barrier()
+        if len(rec) <= 2:
+            return {}
+        logger.log(rec, "val")
+        shown = {k: round(v, 4) for k, v in rec.items() if k in ("loss", "acc", "acceptance_length")}
+        logger.write(f"step {state.step} validation: {shown}")
+        return rec
+
+    trainer.train()
+    with _StopFlag() as stop:
+        for epoch, row in _positions(data, state, total):
+            t_start = time.perf_counter()
+            step_rows = _global_step_rows(data, epoch, row)
+            micro = [_micro(data, _rank_micro_rows(step_rows, j, d.rank, d.world, t_cfg.micro_batch_size),
+                            t_cfg.seed, epoch) for j in range(t_cfg.grad_accum)]
+            local_count = sum(trainer.count_supervised(_count_batch(m, aux_w, hid_w)) for m in micro)
+            count = _all_reduce(torch.tensor([float(local_count)], dtype=torch.float64, device=d.device), d)
+            normalizer = float(max(count.item(), 1.0))
+            metrics = StepMetrics.zeros(m_cfg.num_depths)
+            tokens = 0
+            for j, m in enumerate(micro):
+                batch = _full_batch(m, source, d.device)
+                tokens += m.tokens
+                last_micro = j == len(micro) - 1
+                if m_cfg.sequence_partitions == 1:
+                    units: list[Any] = [None]
+                    plan = None
+                else:
+                    with autocast():
+                        plan = trainer.plan(batch)
+                    units = list(range(len(plan.units)))
+                for u in units:
+                    last = last_micro and u == units[-1]
+                    sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
+                    with sync:
+                        with autocast():
+                            res = model(batch, normalizer) if plan is None else \
+                                model(batch, normalizer, segment=(plan, u))
+                        res.loss.backward()
+                    metrics = metrics + res.metrics
+                del batch, plan
+            grad_norm = float("nan")
+            if o.grad_clip is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.epoch, state.row_in_epoch = epoch, row + rows_per_step
+            if state.row_in_epoch + rows_per_step > len(data.epoch_rows(epoch)):
+                state.epoch, state.row_in_epoch = epoch + 1, 0
+            stop_now = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
+            packed = torch.cat([metrics.as_tensor().reshape(-1),
+                                torch.tensor([float(tokens), float(stop_now)], dtype=torch.float64)])
+            packed = _all_reduce(packed.to(d.device), d).cpu()
+            k = m_cfg.num_depths
+            summary = StepMetrics.from_tensor(packed[: 3 * k].reshape(3, k)).summary()
+            now = time.perf_counter()
+            record = {"step": state.step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": int(packed[3 * k]), "step_s": now - t_start,
+                      "tokens_per_s": float(packed[3 * k]) / max(now - t_start, 1e-9),
+                      **{kk: v for kk, v in summary.items() if not kk.startswith("n_")}}
+            result.last_metrics = record
+            if state.step % t_cfg.log_every == 0 or state.step == total:
+                logger.log(record, "train")
+            logger.progress(record, k)
+            stop_now = bool(packed[3 * k + 1] > 0)
+            if t_cfg.eval_every and state.step % t_cfg.eval_every == 0 and state.step < total and not stop_now:
+                result.last_val = evaluate_now()
+            if stop_now:
+                result.interrupted = True
+                break
+            if t_cfg.save_every and state.step % t_cfg.save_every == 0 and state.step < total:
+                result.checkpoint = save()
+        result.step = state.step
+        if result.interrupted:
+            logger.write(f"interrupted at step {state.step}: saving a checkpoint")
+        if state.step != last_saved:
+            result.checkpoint = save()
+        if not result.interrupted:
+            result.last_val = evaluate_now() or result.last_val
+            if d.main:
+                from .export import export_draft
+
+                result.export_dir = export_draft(draft, out / FINAL_DIR)
+                logger.write(f"exported the draft to {result.export_dir}")
+            if d.active:
+                dist.barrier()
+    logger.close()
+    if result.checkpoint is None:
+        existing = list_checkpoints(out)
+        result.checkpoint = existing[-1][1] if existing else None
+    return result
+
+
+def _first_prompts(cs: Any, n: int) -> Any:
+    """The first ``n`` prompts of a ContinuationSet."""
+    import dataclasses
+
+    fields = {f.name: getattr(cs, f.name) for f in dataclasses.fields(cs)}
+    for name in ("prompt_ids", "continuations", "stop_reasons", "aux", "completions"):
+        fields[name] = list(fields[name])[:n]
+    return type(cs)(**fields)
