@@ -24,6 +24,7 @@ from peagle.evaluate import (
     leading_matches,
     literal_speculative_decode,
     load_prompts,
+    scalar_metrics,
     simulate_rounds,
 )
 from peagle.mask import DenseCODAttention
@@ -250,6 +251,9 @@ def test_acceptance_on_and_evaluate_agree(draft, cset, target, tmp_path):
     rates = data["per_position"]
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # cumulative → non-increasing
     assert data["acceptance_length"]["4"] == pytest.approx(1 + sum(rates))
+    flat = scalar_metrics(res, prefix="eval/")
+    assert flat["eval/al"] == res["acceptance_length"] and flat["eval/al_k4"] == flat["eval/al"]
+    assert [flat[f"eval/accept_pos{i}"] for i in (1, 2, 3, 4)] == res["per_position"]
     for name in ("acceptance_per_position.png", "al_vs_k.png", "al_histogram.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

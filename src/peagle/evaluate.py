@@ -65,6 +65,7 @@ __all__ = [
     "literal_speculative_decode",
     "load_draft",
     "load_prompts",
+    "scalar_metrics",
     "simulate_rounds",
     "stop_token_ids",
     "tokenize_prompts",
@@ -162,9 +163,11 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise EvalError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-        out = []
-        for i, r in enumerate(records, 1):
-            out.append(_check_record(r, f"{path}[{i}]"))
+        if not isinstance(records, list):
+            raise EvalError(f"{path}: expected a JSON list of prompt records")
+        out = [_check_record(r, f"{path}[{i}]") for i, r in enumerate(records, 1)]
+        if not out:
+            raise EvalError(f"{path}: no prompts")
         return out
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -183,24 +186,28 @@ def load_prompts(path: str | Path) -> list[dict[str, Any]]:
 def _check_record(obj: Any, where: str) -> dict[str, Any]:
     if isinstance(obj, str):
         return {"prompt": obj, "_where": where}
+    if hasattr(obj, "messages") and not isinstance(obj, Mapping):  # a peagle.data.Record
+        return {"messages": obj.messages, "tools": getattr(obj, "tools", None), "_where": where}
     if not isinstance(obj, Mapping) or not any(k in obj for k in ("prompt", "text", "messages", "conversations")):
         raise EvalError(f"{where}: expected an object with 'prompt', 'text', 'messages' or 'conversations'")
     return {**obj, "_where": where}
 
 
-def _chat_messages(record: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
+def _chat_messages(record: Mapping[str, Any], where: str) -> tuple[list[dict[str, Any]], Any]:
+    """(messages, tools) of a chat record, normalised like training data, trailing answers dropped."""
     from .data import _normalise
 
     raw = {k: v for k, v in record.items() if k in ("messages", "conversations", "tools")}
     try:
-        messages = _normalise(raw, where, 0).messages
+        rec = _normalise(raw, where, 0)
     except ValueError as e:
         raise EvalError(str(e).replace(f"{where}:0", where)) from None
+    messages = rec.messages
     while messages and messages[-1]["role"] == "assistant":  # the target writes the answer itself
         messages = messages[:-1]
     if not messages:
         raise EvalError(f"{where}: no message before the assistant turn")
-    return messages
+    return messages, rec.tools
 
 
 def tokenize_prompts(
@@ -211,8 +218,8 @@ def tokenize_prompts(
     - ``{"messages": [...]}`` / ``{"conversations": [...]}``: the chat template with the
       generation prompt; trailing assistant turns are dropped (a training record can be used as is);
     - ``{"prompt": "..."}`` or a bare string: one user message through the chat template (raw text
-      when the tokenizer has no template);
-    - ``{"text": "..."}``: raw text, tokenized with the tokenizer's special tokens.
+      when the tokenizer has no template); ``{"prompt": [messages]}`` is a chat;
+    - ``{"text": "..."}``: raw text, tokenized with the tokenizer's special tokens (no template).
     """
     from .data import resolve_chat_template
 
@@ -221,39 +228,34 @@ def tokenize_prompts(
         template = template.get("default")
     out = []
     for i, rec in enumerate(prompts):
-        rec = _check_record(rec, f"prompt {i}") if not (isinstance(rec, Mapping) and "_where" in rec) else rec
-        where = rec.get("_where", f"prompt {i}")
-        if "text" in rec and "messages" not in rec and "conversations" not in rec and "prompt" not in rec:
-            ids = tokenizer(str(rec["text"]), add_special_tokens=True)["input_ids"]
-        elif "prompt" in rec and "messages" not in rec and "conversations" not in rec:
-            p = rec["prompt"]
-            if isinstance(p, list):
-                messages = _chat_messages({"messages": p}, where)
-            elif template:
-                messages = [{"role": "user", "content": str(p)}]
-            else:
-                out.append(list(tokenizer(str(p), add_special_tokens=True)["input_ids"]))
-                continue
-            ids = _render_prompt(tokenizer, messages, resolve_chat_template(tokenizer, template), rec, where)
+        if not (isinstance(rec, Mapping) and "_where" in rec):
+            rec = _check_record(rec, f"prompt {i}")
+        where = rec["_where"]
+        is_chat = "messages" in rec or "conversations" in rec
+        if not is_chat and "prompt" not in rec:  # {"text": ...}
+            out.append(list(tokenizer(str(rec["text"]), add_special_tokens=True)["input_ids"]))
+            continue
+        if is_chat:
+            messages, tools = _chat_messages(rec, where)
+        elif isinstance(rec["prompt"], list):
+            messages, tools = _chat_messages({"messages": rec["prompt"]}, where)
+        elif template:
+            messages, tools = [{"role": "user", "content": str(rec["prompt"])}], None
         else:
-            messages = _chat_messages(rec, where)
-            ids = _render_prompt(tokenizer, messages, resolve_chat_template(tokenizer, template), rec, where)
+            out.append(list(tokenizer(str(rec["prompt"]), add_special_tokens=True)["input_ids"]))
+            continue
+        tpl = resolve_chat_template(tokenizer, template)
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=tpl, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as e:  # the template rejected the record (jinja raise_exception)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EvalError(f"{where}: the chat template rejected this prompt: {msg}") from None
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise EvalError(f"{where}: the prompt tokenizes to nothing")
-        out.append(list(ids))
+        out.append(ids)
     return out
-
-
-def _render_prompt(tokenizer: Any, messages: list, template: str, rec: Mapping, where: str) -> list[int]:
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tools=rec.get("tools"), chat_template=template, tokenize=False,
-            add_generation_prompt=True,
-        )
-    except Exception as e:  # the template rejected the record (jinja raise_exception)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EvalError(f"{where}: the chat template rejected this prompt: {msg}") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def _generate(
             att[r, width - len(p):] = 1
         budget = budgets[batch[0]]
         cfg = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=list(stop_ids),
+            do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=list(stop_ids) or None,
             pad_token_id=pad_id,
         )
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg)
@@ -438,8 +440,8 @@ class ContinuationSet:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
         gens = _generate(target, prompt_ids, budgets, stops, pad, batch_size, progress)
         continuations = [c for c, _ in gens]
-        reasons = [("context" if ctx_cut and r == "length" else r) for (_, r), ctx_cut in zip(gens, reasons_ctx,
-                                                                                             strict=True)]
+        reasons = [("context" if cut and r == "length" else r)
+                   for (_, r), cut in zip(gens, reasons_ctx, strict=True)]
         sequences = [p + c for p, c in zip(prompt_ids, continuations, strict=True)]
         aux = _aux_states(target, sequences, aux_batch_tokens, progress)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
@@ -669,6 +671,19 @@ def acceptance_on(
             "acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in by_k.items()}}
 
 
+def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flat float scalars of an `acceptance_on` result for a metrics log / TensorBoard:
+    al, al_k{K'}, accept_pos{i} (cumulative, 1-based), draft_accept_rate, drafts."""
+    out = {f"{prefix}al": float(metrics["acceptance_length"]),
+           f"{prefix}draft_accept_rate": float(metrics["draft_acceptance_rate"]),
+           f"{prefix}drafts": float(metrics["num_drafts"])}
+    for kk, al in metrics.get("acceptance_length_by_k", {}).items():
+        out[f"{prefix}al_k{kk}"] = float(al)
+    for i, r in enumerate(metrics["per_position"]):
+        out[f"{prefix}accept_pos{i + 1}"] = float(r)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The literal loop (the proof)
 
@@ -878,6 +893,9 @@ def evaluate(
     if k > trained_k:
         warnings.warn(f"evaluating K={k} with a draft trained for {trained_k} speculative tokens: depths "
                       f"≥ {trained_k} were never trained", stacklevel=2)
+    if int(draft.config.vocab_size) != int(target.vocab_size):
+        raise EvalError(f"the draft was built for a vocabulary of {draft.config.vocab_size} tokens, the target "
+                        f"has {target.vocab_size}: is it the draft of this target?")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if isinstance(prompts, ContinuationSet):
