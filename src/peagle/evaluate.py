@@ -564,9 +564,9 @@ def _score_group(
         hi_parts.append(torch.full((n,), off + n - 2, dtype=torch.long))
         off += n
     total = off
-    empty = [torch.full((len(cs.sequence(j)) - 1, k), -1, dtype=torch.long) for j in grp]
+    sizes = [len(cs.sequence(j)) - 1 for j in grp]
     if total == 0:
-        return empty
+        return [torch.full((n, k), -1, dtype=torch.long) for n in sizes]
     ids = torch.cat(ids_parts).to(device)
     aux = torch.cat(aux_parts).to(device=device, dtype=dtype)
     docs = torch.cat(doc_parts).to(device)
@@ -603,7 +603,7 @@ def _score_group(
         mask_row = draft.projected_mask_hidden().to(dtype)
         mask_id = draft.config.mask_token_id
         lookup = torch.full((anchor.numel(),), -1, dtype=torch.long, device=device)
-        bounds = torch.searchsorted(anchor[deep], chain_anchors[::per_chunk])
+        bounds = torch.searchsorted(anchor[deep].contiguous(), chain_anchors[::per_chunk].contiguous())
         bounds = torch.cat([bounds, torch.tensor([deep.numel()], device=device)])
         for c in range(bounds.numel() - 1):
             elems = deep[int(bounds[c]):int(bounds[c + 1])]
@@ -617,7 +617,7 @@ def _score_group(
             table[a, d] = _argmax_target_ids(draft, h)
             lookup[elems] = -1
     table = table.cpu()
-    return [table[o:o + e.shape[0]] for o, e in zip(offsets, empty, strict=True)]
+    return [table[o:o + n] for o, n in zip(offsets, sizes, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------
