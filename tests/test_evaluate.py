@@ -254,6 +254,11 @@ def test_acceptance_on_and_evaluate_agree(draft, cset, target, tmp_path):
     flat = scalar_metrics(res, prefix="eval/")
     assert flat["eval/al"] == res["acceptance_length"] and flat["eval/al_k4"] == flat["eval/al"]
     assert [flat[f"eval/accept_pos{i}"] for i in (1, 2, 3, 4)] == res["per_position"]
+    # save / load / head round trip
+    cset.save(tmp_path / "cs.pt")
+    back = ContinuationSet.load(tmp_path / "cs.pt")
+    assert acceptance_on(draft, back, K_MAX) == res
+    assert len(back.head(2)) == 2 and back.head(2).continuations == cset.continuations[:2]
     for name in ("acceptance_per_position.png", "al_vs_k.png", "al_histogram.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

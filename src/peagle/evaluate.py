@@ -405,6 +405,7 @@ class ContinuationSet:
         max_context: int | None = None,
         batch_size: int = 8,
         aux_batch_tokens: int = 16384,
+        limit: int | None = None,
         progress: bool = True,
     ) -> ContinuationSet:
         """Tokenize prompts, generate greedy continuations, and capture target aux states.
@@ -412,7 +413,8 @@ class ContinuationSet:
         prompts: a JSONL/JSON file or a list of records (see `tokenize_prompts`). A prompt that
         leaves no room in the context (target's max_position_embeddings, or `max_context`) for one
         new token is an error naming its index; a prompt whose budget would run past the context
-        generates only up to it (stop reason "context", as vLLM's max_model_len does).
+        generates only up to it (stop reason "context", as vLLM's max_model_len does). `limit`:
+        use only the first `limit` prompts (nothing is generated for the others).
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EvalError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -422,6 +424,8 @@ class ContinuationSet:
 
             chat_template = load_chat_template(chat_template)
         records = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)
+        if limit is not None:
+            records = records[:limit]
         if not records:
             raise EvalError("no prompts to evaluate")
         prompt_ids = tokenize_prompts(tokenizer, records, chat_template)
@@ -447,6 +451,11 @@ class ContinuationSet:
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         return cls(prompt_ids, continuations, reasons, aux, tuple(target.aux_layer_ids), max_new_tokens,
                    completions)
+
+    def head(self, n: int) -> ContinuationSet:
+        """The first `n` prompts (a view sharing the aux tensors)."""
+        return ContinuationSet(self.prompt_ids[:n], self.continuations[:n], self.stop_reasons[:n], self.aux[:n],
+                               self.aux_layer_ids, self.max_new_tokens, self.completions[:n])
 
     def save(self, path: str | Path) -> None:
         """torch.save the set (aux states included) so a second run skips generation."""
