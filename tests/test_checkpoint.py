@@ -37,9 +37,7 @@ def _model_and_opt(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimize
 
 
 def _save(root: Path, step: int, model, opt, keep_last: int | None = None) -> Path:
-    state = TrainState(
-        step=step, epoch=0, row_in_epoch=step * 4, rows_per_step=4, scheduler={"last_epoch": step}
-    )
+    state = TrainState(step=step, epoch=0, row_in_epoch=step * 4, rows_per_step=4, scheduler={"last_epoch": step})
     return save_checkpoint(
         root,
         state,

@@ -146,9 +146,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = f.stat().st_size
         if size != meta["bytes"]:
             what = "truncated" if size < meta["bytes"] else "the wrong size"
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {rel} is {what} ({size} of {meta['bytes']} bytes)"
-            )
+            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} is {what} ({size} of {meta['bytes']} bytes)")
         if _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256")
     return info

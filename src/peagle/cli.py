@@ -32,6 +32,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def _raised_by_peagle(e: BaseException) -> bool:
+    """True when the innermost frame of ``e`` is peagle code (a validation), not a library's internals."""
+    tb = e.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    here = Path(__file__).resolve().parent
+    try:
+        Path(tb.tb_frame.f_code.co_filename).resolve().relative_to(here)
+    except ValueError:
+        return False
+    return True
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     if isinstance(e, KeyError) and text.startswith("'"):
@@ -44,22 +59,30 @@ def _one_line(e: BaseException) -> str:
 
 
 def _add_prepare(sub: Any) -> None:
-    p = sub.add_parser("prepare", help="tokenize chat data with the target's chat template",
-                       description="Tokenize chat data (JSONL/JSON/parquet/datasets dir) with the target's "
-                       "tokenizer and chat template, choose the draft vocabulary and mask token, and "
-                       "optionally cache the target's hidden states for offline training.")
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize chat data with the target's chat template",
+        description="Tokenize chat data (JSONL/JSON/parquet/datasets dir) with the target's "
+        "tokenizer and chat template, choose the draft vocabulary and mask token, and "
+        "optionally cache the target's hidden states for offline training.",
+    )
     p.add_argument("inputs", nargs="+", help="chat data files or directories")
     p.add_argument("--target", required=True, help="target model (or tokenizer) directory")
     p.add_argument("--out", required=True, help="output directory for the tokenized dataset")
     p.add_argument("--max-length", type=int, default=2048, help="max tokens per example (default 2048)")
     p.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
-    p.add_argument("--drop-long", action="store_true", help="drop examples longer than --max-length "
-                   "(default: truncate)")
+    p.add_argument(
+        "--drop-long", action="store_true", help="drop examples longer than --max-length (default: truncate)"
+    )
     p.add_argument("--limit", type=int, default=None, help="use at most N records")
     p.add_argument("--split", default=None, help="split and slice, e.g. train, train[:1000], train[:5%%]")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
-    p.add_argument("--draft-vocab-size", type=int, default=None,
-                   help="draft vocabulary size: the N most frequent supervised tokens (default: full vocab)")
+    p.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="draft vocabulary size: the N most frequent supervised tokens (default: full vocab)",
+    )
     p.add_argument("--mask-token-id", default="auto", help="'auto' or a token id that never occurs in the data")
     p.add_argument("--cache", default=None, help="also write the target's hidden states here (offline mode)")
     p.add_argument("--cache-shard-size", type=int, default=1024, help="examples per cache shard")
@@ -104,16 +127,27 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         if isinstance(mask_req, int):
             check_mask_token(mask_req, vocab_size)
         if args.draft_vocab_size is not None and not 1 <= args.draft_vocab_size <= vocab_size:
-            raise DataError(f"--draft-vocab-size must be in [1, {vocab_size}] (the target vocab), "
-                            f"got {args.draft_vocab_size}")
+            raise DataError(
+                f"--draft-vocab-size must be in [1, {vocab_size}] (the target vocab), got {args.draft_vocab_size}"
+            )
     if args.cache is not None and vocab_size is None:
         raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
 
-    summary = prepare(args.inputs, args.target, args.out, max_length=args.max_length,
-                      last_turn_only=args.last_turn_only, drop_long=args.drop_long, split=args.split,
-                      limit=args.limit, chat_template=args.chat_template, vocab_size=vocab_size,
-                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-                      progress=not args.no_progress)
+    summary = prepare(
+        args.inputs,
+        args.target,
+        args.out,
+        max_length=args.max_length,
+        last_turn_only=args.last_turn_only,
+        drop_long=args.drop_long,
+        split=args.split,
+        limit=args.limit,
+        chat_template=args.chat_template,
+        vocab_size=vocab_size,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     print(summary.format_summary())
     data = load_prepared(args.out)
     V = int(data.manifest["vocab_size"])
@@ -134,8 +168,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         from .target import Target
 
         target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
-        manifest = write_cache(target, data, args.cache, shard_size=args.cache_shard_size,
-                               progress=not args.no_progress)
+        manifest = write_cache(
+            target, data, args.cache, shard_size=args.cache_shard_size, progress=not args.no_progress
+        )
         print(f"cached target states of {manifest['num_examples']} examples in {args.cache}")
     print(f"prepared dataset: {args.out}")
     return 0
@@ -147,14 +182,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
-        "train", help="train a P-EAGLE draft (single process or under torchrun)",
+        "train",
+        help="train a P-EAGLE draft (single process or under torchrun)",
         description="Train a P-EAGLE draft. Any config key can be overridden on the command line as "
         "--section.key VALUE (e.g. --optim.lr 1e-4 --train.max_steps 100). Exit status 130: "
         "interrupted by SIGINT/SIGTERM after saving a checkpoint (continue with --resume auto).",
     )
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' = newest complete one in "
-                   "train.output_dir (none: start fresh)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint dir, or 'auto' = newest complete one in train.output_dir (none: start fresh)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -170,16 +209,22 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     result = train(cfg, resume=args.resume)
     if result.interrupted:
-        print(f"peagle: interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} "
-              "(continue with --resume auto)", file=sys.stderr)
+        print(
+            f"peagle: interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} "
+            "(continue with --resume auto)",
+            file=sys.stderr,
+        )
         return INTERRUPTED_EXIT_CODE
     return 0
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="write a speculators-format draft (config.json + model.safetensors)",
-                       description="Export a training checkpoint (or a run's output dir: its newest complete "
-                       "checkpoint) to the speculators format vLLM loads.")
+    p = sub.add_parser(
+        "export",
+        help="write a speculators-format draft (config.json + model.safetensors)",
+        description="Export a training checkpoint (or a run's output dir: its newest complete "
+        "checkpoint) to the speculators format vLLM loads.",
+    )
     p.add_argument("checkpoint", help="step-XXXXXXXX checkpoint dir, run output dir, or exported draft")
     p.add_argument("out", help="output directory")
     p.add_argument("--verifier", default=None, help="verifier name_or_path to record (e.g. a hub id)")
@@ -251,7 +296,7 @@ def _guard(fn: Any) -> int:
         print("peagle: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as e:
-        if debug:
+        if debug or not _raised_by_peagle(e):
             raise
         print(f"peagle: error: {_one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

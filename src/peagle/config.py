@@ -129,9 +129,7 @@ class TrainConfig:
     keep_last: int = _f(3, ge=1, help="checkpoints kept")
     eval_every: int = _f(0, ge=0, help="validation (+ acceptance length) every N steps (0 = at the end only)")
     log_every: int = _f(1, ge=1)
-    dtype: Literal["auto", "bf16", "fp32"] = _f(
-        "auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU"
-    )
+    dtype: Literal["auto", "bf16", "fp32"] = _f("auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = _f("auto")
     tensorboard: bool = _f(True)
     progress: bool = _f(True, help="show a progress bar")
@@ -273,9 +271,7 @@ def _build_section(name: str, values: dict[str, Any], where: dict[str, str]) -> 
         raw = values[f.name]
         value = _coerce(raw, hints[f.name])
         if value is _NO:
-            raise ConfigError(
-                f"{src}: {key} must be {_type_name(hints[f.name])}, got {type(raw).__name__} {raw!r}"
-            )
+            raise ConfigError(f"{src}: {key} must be {_type_name(hints[f.name])}, got {type(raw).__name__} {raw!r}")
         _check_range(key, value, f.metadata, src)
         kwargs[f.name] = value
     return cls(**kwargs)
@@ -290,9 +286,7 @@ def _cross_checks(cfg: Config) -> None:
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas = {o.betas} must be two numbers in [0, 1)")
     if m.freeze_lm_head and not m.init_lm_head_from_target:
-        raise ConfigError(
-            "model.freeze_lm_head needs model.init_lm_head_from_target: true (else lm_head stays random)"
-        )
+        raise ConfigError("model.freeze_lm_head needs model.init_lm_head_from_target: true (else lm_head stays random)")
     if m.aux_layer_ids is not None and (len(m.aux_layer_ids) != 3 or min(m.aux_layer_ids) < 0):
         raise ConfigError(f"model.aux_layer_ids = {m.aux_layer_ids} must be three non-negative layer ids")
     if not cfg.train.output_dir:

@@ -20,8 +20,7 @@ class ExportError(ValueError):
     """The source cannot be exported (not a checkpoint or draft, corrupt, or the round trip failed)."""
 
 
-def export_draft(draft: torch.nn.Module, out: str | Path, *, verifier: str | None = None,
-                 check: bool = True) -> Path:
+def export_draft(draft: torch.nn.Module, out: str | Path, *, verifier: str | None = None, check: bool = True) -> Path:
     """``draft.save_pretrained(out)`` (fp32 master weights as stored), then verify the round trip."""
     from .draft import PEagleDraft
 

@@ -120,13 +120,23 @@ def _init_distributed(device_pref: str) -> _Dist:
     return _Dist(rank, world, local_rank, device, here)
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP kwargs that skip the per-forward buffer broadcast (our buffers never change)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _all_reduce(t: Tensor, d: _Dist) -> Tensor:
     if d.active:
         dist.all_reduce(t)
     return t
 
 
-def _sum_hook(state: Any, bucket: Any) -> torch.futures.Future[Tensor]:
+def _sum_hook(state, bucket):  # noqa: ANN001, ANN202 - DDP inspects the annotations: leave none
     """DDP communication hook: SUM gradients over ranks (the loss is already globally normalised)."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
@@ -172,8 +182,11 @@ class _Data:
                 f"needs {rows_per_step} rows (world size × train.grad_accum × train.micro_batch_size); "
                 "lower those, or data.max_length"
             )
-        self.val_rows = [[self.val_ids[i] for i in row] for row in
-                         pack([self.lengths[i] for i in self.val_ids], max_length)] if self.val_ids else []
+        self.val_rows = (
+            [[self.val_ids[i] for i in row] for row in pack([self.lengths[i] for i in self.val_ids], max_length)]
+            if self.val_ids
+            else []
+        )
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """Packed rows (global example indices) of ``epoch``: a deterministic function of (seed, epoch)."""
@@ -211,8 +224,7 @@ def _micro(data: _Data, rows: list[list[int]], run_seed: int, epoch: int) -> _Mi
     from .data import cod_seeds, eagle_shift
 
     packed = data.collate(rows)
-    sh = eagle_shift(packed.input_ids, packed.loss_mask, packed.document_ids,
-                     example_index=packed.example_index)
+    sh = eagle_shift(packed.input_ids, packed.loss_mask, packed.document_ids, example_index=packed.example_index)
     seeds = cod_seeds(sh.example_index, run_seed, epoch)
     return _Micro(packed, sh, seeds, int((packed.document_ids >= 0).sum()))
 
@@ -223,10 +235,15 @@ def _count_batch(m: _Micro, aux_width: int, hidden_width: int) -> Any:
 
     b, n = m.shifted.input_ids.shape
     zero = torch.zeros(())
-    return Batch(input_ids=m.shifted.input_ids, aux_hidden=zero.expand(b, n, aux_width),
-                 loss_mask=m.shifted.loss_mask, document_ids=m.shifted.document_ids,
-                 target_hidden=zero.expand(b, n, hidden_width), cod_seeds=m.seeds,
-                 position_ids=m.shifted.position_ids)
+    return Batch(
+        input_ids=m.shifted.input_ids,
+        aux_hidden=zero.expand(b, n, aux_width),
+        loss_mask=m.shifted.loss_mask,
+        document_ids=m.shifted.document_ids,
+        target_hidden=zero.expand(b, n, hidden_width),
+        cod_seeds=m.seeds,
+        position_ids=m.shifted.position_ids,
+    )
 
 
 def _full_batch(m: _Micro, source: Any, device: torch.device) -> Any:
@@ -236,11 +253,23 @@ def _full_batch(m: _Micro, source: Any, device: torch.device) -> Any:
 
     aux, final = source.states(m.packed)
     p = m.packed
-    sh = eagle_shift(p.input_ids.to(aux.device), p.loss_mask.to(aux.device), p.document_ids.to(aux.device),
-                     aux, final, example_index=p.example_index.to(aux.device))
-    return Batch(input_ids=sh.input_ids, aux_hidden=sh.aux_hidden, loss_mask=sh.loss_mask,
-                 document_ids=sh.document_ids, target_hidden=sh.final_hidden,
-                 cod_seeds=m.seeds.to(aux.device), position_ids=sh.position_ids).to(device)
+    sh = eagle_shift(
+        p.input_ids.to(aux.device),
+        p.loss_mask.to(aux.device),
+        p.document_ids.to(aux.device),
+        aux,
+        final,
+        example_index=p.example_index.to(aux.device),
+    )
+    return Batch(
+        input_ids=sh.input_ids,
+        aux_hidden=sh.aux_hidden,
+        loss_mask=sh.loss_mask,
+        document_ids=sh.document_ids,
+        target_hidden=sh.final_hidden,
+        cod_seeds=m.seeds.to(aux.device),
+        position_ids=sh.position_ids,
+    ).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +298,10 @@ def _vocab_and_mask(cfg: Config, prepared: Any, tokenizer_len: int, vocab_size: 
         mask = rec.get("mask_token_id")
         if mask is None:  # prepared without a recorded choice: first id the tokenizer never produces
             if tokenizer_len >= vocab_size:
-                raise ConfigError("model.mask_token_id: auto found no free embedding row; set it explicitly "
-                                  "(an id that never occurs in the data), or record one with peagle prepare")
+                raise ConfigError(
+                    "model.mask_token_id: auto found no free embedding row; set it explicitly "
+                    "(an id that never occurs in the data), or record one with peagle prepare"
+                )
             mask = tokenizer_len
     try:
         mask = check_mask_token(int(mask), vocab_size, prepared.all_counts)
@@ -296,9 +327,13 @@ def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) ->
     offline = cfg.data.cache is not None
     target_device = torch.device("cpu") if offline and not need_target_on_device else d.device
     try:
-        target = Target(cfg.model.target, aux_layer_ids=cfg.model.aux_layer_ids, device=target_device,
-                        dtype=_dtype(cfg.model.target_dtype, target_device),
-                        trust_remote_code=cfg.model.trust_remote_code)
+        target = Target(
+            cfg.model.target,
+            aux_layer_ids=cfg.model.aux_layer_ids,
+            device=target_device,
+            dtype=_dtype(cfg.model.target_dtype, target_device),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
     except TargetError as e:
         raise ConfigError(f"model.target: {e}") from None
     tok_len = int((prepared.manifest.get("tokenizer") or {}).get("len") or target.vocab_size)
@@ -306,10 +341,16 @@ def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) ->
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     dcfg = DraftConfig.from_target(
-        target.model.config, mask_token_id=mask, num_hidden_layers=m.num_layers,
-        draft_vocab_size=vocab.size, norm_before_residual=m.norm_before_residual,
-        norm_before_fc=m.norm_before_fc, fc_norm=m.fc_norm, norm_output=m.norm_output,
-        aux_layer_ids=list(target.aux_layer_ids), num_speculative_tokens=m.num_depths,
+        target.model.config,
+        mask_token_id=mask,
+        num_hidden_layers=m.num_layers,
+        draft_vocab_size=vocab.size,
+        norm_before_residual=m.norm_before_residual,
+        norm_before_fc=m.norm_before_fc,
+        fc_norm=m.fc_norm,
+        norm_output=m.norm_output,
+        aux_layer_ids=list(target.aux_layer_ids),
+        num_speculative_tokens=m.num_depths,
         verifier_name_or_path=m.target_name or m.target,
     )
     draft = PEagleDraft(dcfg)
@@ -470,9 +511,9 @@ def _validate(trainer: Any, data: _Data, source: Any, cfg: Config, d: _Dist, aut
     trainer.eval()
     total = StepMetrics.zeros(cfg.model.num_depths)
     mb = cfg.train.micro_batch_size
-    mine = data.val_rows[d.rank::d.world]
+    mine = data.val_rows[d.rank :: d.world]
     for i in range(0, len(mine), mb):
-        m = _micro(data, mine[i:i + mb], cfg.train.seed, VAL_EPOCH)
+        m = _micro(data, mine[i : i + mb], cfg.train.seed, VAL_EPOCH)
         batch = _full_batch(m, source, d.device)
         with autocast():
             out = trainer(batch)
@@ -487,12 +528,12 @@ def _validate(trainer: Any, data: _Data, source: Any, cfg: Config, d: _Dist, aut
 
 
 def _global_step_rows(data: _Data, epoch: int, row: int) -> list[list[int]]:
-    return data.epoch_rows(epoch)[row:row + data.rows_per_step]
+    return data.epoch_rows(epoch)[row : row + data.rows_per_step]
 
 
 def _rank_micro_rows(step_rows: list[list[int]], j: int, rank: int, world: int, mb: int) -> list[list[int]]:
     start = (j * world + rank) * mb
-    return step_rows[start:start + mb]
+    return step_rows[start : start + mb]
 
 
 def _positions(data: _Data, state: TrainState, total: int) -> Iterator[tuple[int, int]]:
@@ -539,8 +580,7 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
-         stop_after: int | None) -> TrainResult:
+def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, stop_after: int | None) -> TrainResult:
     from .trainer import PEagleTrainer, StepMetrics
 
     t_cfg, m_cfg = cfg.train, cfg.model
@@ -552,25 +592,39 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
     if source is not target and not want_al:
         target = None  # offline: the head is all we need from the target
     draft.to(d.device)
-    trainer = PEagleTrainer(draft, num_depths=m_cfg.num_depths, ratio=m_cfg.ratio, ratio_min=m_cfg.ratio_min,
-                            max_anchors=m_cfg.max_anchors, sequence_partitions=m_cfg.sequence_partitions,
-                            target_head=head.to(d.device))
+    trainer = PEagleTrainer(
+        draft,
+        num_depths=m_cfg.num_depths,
+        ratio=m_cfg.ratio,
+        ratio_min=m_cfg.ratio_min,
+        max_anchors=m_cfg.max_anchors,
+        sequence_partitions=m_cfg.sequence_partitions,
+        target_head=head.to(d.device),
+    )
     model: nn.Module = trainer
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(trainer, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                    find_unused_parameters=True, broadcast_buffers=False)
+        # find_unused_parameters: a partition's last unit (the depth-0 stream) does not touch lm_head /
+        # mask_hidden; their no_sync-accumulated gradients are still all-reduced then.
+        model = DDP(
+            trainer,
+            device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+            find_unused_parameters=True,
+            **_no_buffer_sync(),
+        )
         model.register_comm_hook(None, _sum_hook)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(_param_groups(draft, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                                  eps=o.eps, foreach=True)
+    optimizer = torch.optim.AdamW(
+        _param_groups(draft, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True
+    )
     if t_cfg.max_steps is not None:
         total = t_cfg.max_steps
     else:
         total = sum(data.steps_in_epoch(e) for e in range(t_cfg.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, total, o.warmup_steps, o.min_lr_ratio)
+    )
 
     state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
     if ckpt is not None:
@@ -615,8 +669,15 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
             gathered = [rng]
         path = None
         if d.main:
-            path = save_checkpoint(out, state, model=draft, optimizer=optimizer, rng_states=gathered,
-                                   config=config_dict, keep_last=t_cfg.keep_last)
+            path = save_checkpoint(
+                out,
+                state,
+                model=draft,
+                optimizer=optimizer,
+                rng_states=gathered,
+                config=config_dict,
+                keep_last=t_cfg.keep_last,
+            )
             logger.write(f"saved checkpoint {path}")
         if d.active:
             dist.barrier()
@@ -632,8 +693,7 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
             from .evaluate import ContinuationSet, acceptance_on
 
             if cs is None:
-                cs = ContinuationSet.prepare(target, cfg.eval.prompts, cfg.eval.max_new_tokens,
-                                             progress=False)
+                cs = ContinuationSet.prepare(target, cfg.eval.prompts, cfg.eval.max_new_tokens, progress=False)
                 if len(cs) > cfg.eval.num_prompts:
                     cs = _first_prompts(cs, cfg.eval.num_prompts)
             acc = acceptance_on(draft, cs, m_cfg.num_depths)
@@ -656,8 +716,10 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
         for epoch, row in _positions(data, state, total):
             t_start = time.perf_counter()
             step_rows = _global_step_rows(data, epoch, row)
-            micro = [_micro(data, _rank_micro_rows(step_rows, j, d.rank, d.world, t_cfg.micro_batch_size),
-                            t_cfg.seed, epoch) for j in range(t_cfg.grad_accum)]
+            micro = [
+                _micro(data, _rank_micro_rows(step_rows, j, d.rank, d.world, t_cfg.micro_batch_size), t_cfg.seed, epoch)
+                for j in range(t_cfg.grad_accum)
+            ]
             local_count = sum(trainer.count_supervised(_count_batch(m, aux_w, hid_w)) for m in micro)
             count = _all_reduce(torch.tensor([float(local_count)], dtype=torch.float64, device=d.device), d)
             normalizer = float(max(count.item(), 1.0))
@@ -679,8 +741,11 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
                     sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
                     with sync:
                         with autocast():
-                            res = model(batch, normalizer) if plan is None else \
-                                model(batch, normalizer, segment=(plan, u))
+                            res = (
+                                model(batch, normalizer)
+                                if plan is None
+                                else model(batch, normalizer, segment=(plan, u))
+                            )
                         res.loss.backward()
                     metrics = metrics + res.metrics
                 del batch, plan
@@ -696,16 +761,23 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None,
             if state.row_in_epoch + rows_per_step > len(data.epoch_rows(epoch)):
                 state.epoch, state.row_in_epoch = epoch + 1, 0
             stop_now = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
-            packed = torch.cat([metrics.as_tensor().reshape(-1),
-                                torch.tensor([float(tokens), float(stop_now)], dtype=torch.float64)])
+            packed = torch.cat(
+                [metrics.as_tensor().reshape(-1), torch.tensor([float(tokens), float(stop_now)], dtype=torch.float64)]
+            )
             packed = _all_reduce(packed.to(d.device), d).cpu()
             k = m_cfg.num_depths
             summary = StepMetrics.from_tensor(packed[: 3 * k].reshape(3, k)).summary()
             now = time.perf_counter()
-            record = {"step": state.step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": int(packed[3 * k]), "step_s": now - t_start,
-                      "tokens_per_s": float(packed[3 * k]) / max(now - t_start, 1e-9),
-                      **{kk: v for kk, v in summary.items() if not kk.startswith("n_")}}
+            record = {
+                "step": state.step,
+                "epoch": epoch,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": int(packed[3 * k]),
+                "step_s": now - t_start,
+                "tokens_per_s": float(packed[3 * k]) / max(now - t_start, 1e-9),
+                **{kk: v for kk, v in summary.items() if not kk.startswith("n_")},
+            }
             result.last_metrics = record
             if state.step % t_cfg.log_every == 0 or state.step == total:
                 logger.log(record, "train")

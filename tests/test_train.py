@@ -1,0 +1,231 @@
+"""The training loop end to end on CPU: prepare → train → export → load, exact resume, partitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from peagle.cli import main
+from peagle.config import load_config
+from peagle.train import lr_factor, train
+
+CHATS = [
+    [{"role": "user", "content": "count from 3 to 9"}, {"role": "assistant", "content": "3 4 5 6 7 8 9"}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "what is 12 + 7?"},
+        {"role": "assistant", "content": "12 + 7 = 19"},
+        {"role": "user", "content": "and 3 + 4?"},
+        {"role": "assistant", "content": "3 + 4 = 7"},
+    ],
+    [
+        {"role": "user", "content": "sort these words: pear, apple, fig"},
+        {"role": "assistant", "content": "apple, fig, pear"},
+    ],
+    [
+        {"role": "user", "content": "how many letters has apple?"},
+        {"role": "assistant", "content": "The word apple has 5 letters: a-p-p-l-e."},
+    ],
+    [{"role": "user", "content": "what is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from peagle.draft import PEagleDraft
+
+    return PEagleDraft.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("train_data") / "chats.jsonl"
+    p.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS * 5))
+    return p
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("count from 2 to 6", "sort: fig, pear")))
+    return p
+
+
+def _prepare(target: Path, chats: Path, out: Path, *extra: str) -> Path:
+    rc = main(
+        [
+            "prepare",
+            str(chats),
+            "--target",
+            str(target),
+            "--out",
+            str(out),
+            "--max-length",
+            "96",
+            "--draft-vocab-size",
+            "128",
+            "--no-progress",
+            *extra,
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_data(llama_dir: Path, chats: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _prepare(llama_dir, chats, tmp_path_factory.mktemp("prep") / "llama")
+
+
+def _config(tmp: Path, dataset: Path, target: Path, out: str, **sections: dict[str, Any]) -> Path:
+    cfg: dict[str, dict[str, Any]] = {
+        "data": {"dataset": str(dataset), "max_length": 96},
+        "model": {"target": str(target), "num_layers": 1, "num_depths": 3},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {
+            "output_dir": str(tmp / out),
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "max_steps": 3,
+            "save_every": 0,
+            "progress": False,
+            "tensorboard": False,
+        },
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_lr_schedule() -> None:
+    f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
+    assert lr_factor(10, 10, 2, 0.1) == pytest.approx(0.1) and min(f) >= 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_prepare_train_export_load(
+    kind: str, request: pytest.FixtureRequest, chats: Path, prompts: Path, tmp_path: Path
+) -> None:
+    target = request.getfixturevalue(f"{kind}_dir")
+    data = _prepare(target, chats, tmp_path / "prep")
+    choice = json.loads((data / "draft_vocab.json").read_text())
+    assert choice["draft_vocab_size"] == 128 and choice["coverage"] > 0.9
+    extra = {"eval": {"prompts": str(prompts), "max_new_tokens": 6}} if kind == "llama" else {}
+    cfg = _config(
+        tmp_path,
+        data,
+        target,
+        "run",
+        data={"dataset": str(data), "max_length": 96, "val_fraction": 0.2},
+        train={"eval_every": 2, "tensorboard": True},
+        **extra,
+    )
+    assert main(["train", str(cfg), "--train.save_every", "2"]) == 0
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if "split" not in r]
+    val_recs = [r for r in records if r.get("split") == "val"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and "acc_2" in r for r in train_recs)
+    assert [r["step"] for r in val_recs] == [2, 3]
+    if kind == "llama":
+        assert val_recs[-1]["acceptance_length"] >= 1.0 and "al_k1" in val_recs[-1]
+    assert any((out / "tensorboard").iterdir())
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002", "step-00000003"]
+
+    from peagle.draft import PEagleDraft
+
+    draft = PEagleDraft.from_pretrained(out / "final")
+    config = json.loads((out / "final" / "config.json").read_text())
+    target_cfg = json.loads((target / "config.json").read_text())
+    layers = target_cfg["num_hidden_layers"]
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, layers // 2, layers - 3]
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(target)
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    assert config["draft_vocab_size"] == 128 and config["mask_token_id"] == choice["mask_token_id"]
+    assert draft.config.num_hidden_layers == 1
+
+    # `peagle export` of the last checkpoint gives the same tensors, bit for bit
+    assert main(["export", str(out / "step-00000003"), str(tmp_path / "exported"), "--verifier", "org/model"]) == 0
+    a, b = _state(out / "final"), _state(tmp_path / "exported")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["speculators_config"]["verifier"]["name_or_path"] == "org/model"
+
+
+@pytest.mark.slow
+def test_resume_is_exact(llama_data: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """Stopped at step 2 of 4 and resumed == never stopped (bitwise on CPU), with accumulation and partitions."""
+    common = {
+        "model": {"target": str(llama_dir), "num_layers": 2, "num_depths": 3, "sequence_partitions": 2},
+        "train": {
+            "max_steps": 4,
+            "grad_accum": 2,
+            "micro_batch_size": 1,
+            "save_every": 0,
+            "progress": False,
+            "tensorboard": False,
+        },
+    }
+    full = _config(tmp_path, llama_data, llama_dir, "full", **common)
+    split = _config(tmp_path, llama_data, llama_dir, "split", **common)
+    r_full = train(load_config(full))
+    assert not r_full.interrupted and r_full.step == 4
+    r1 = train(load_config(split), stop_after=2)
+    assert r1.interrupted and r1.step == 2 and r1.export_dir is None
+    assert r1.checkpoint is not None and r1.checkpoint.name == "step-00000002"
+    # a write killed mid-way leaves a .tmp directory: ignored, and removed by the next save
+    partial = tmp_path / "split" / "step-00000003.tmp"
+    (partial / "draft").mkdir(parents=True)
+    (partial / "draft" / "model.safetensors").write_bytes(b"\0" * 100)
+    r2 = train(load_config(split), resume="auto")
+    assert not r2.interrupted and r2.step == 4 and not partial.exists()
+    a, b = _state(tmp_path / "full" / "final"), _state(tmp_path / "split" / "final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_partitions_and_accumulation_match_flat(llama_data: Path, llama_dir: Path, tmp_path: Path) -> None:
+    """S=3 partitions with 2 micro-batches of 1 row == S=1 with one micro-batch of 2 rows (fp32 rounding)."""
+    flat = _config(tmp_path, llama_data, llama_dir, "flat", train={"max_steps": 2})
+    parts = _config(
+        tmp_path,
+        llama_data,
+        llama_dir,
+        "parts",
+        model={"target": str(llama_dir), "num_layers": 1, "num_depths": 3, "sequence_partitions": 3},
+        train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": 2},
+    )
+    train(load_config(flat))
+    train(load_config(parts))
+    a, b = _state(tmp_path / "flat" / "final"), _state(tmp_path / "parts" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_offline_cache_mode(llama_dir: Path, chats: Path, tmp_path: Path) -> None:
+    data = _prepare(llama_dir, chats, tmp_path / "prep", "--cache", str(tmp_path / "cache"), "--device", "cpu")
+    assert (tmp_path / "cache" / "cache_manifest.json").is_file()
+    cfg = _config(
+        tmp_path,
+        data,
+        llama_dir,
+        "offline",
+        data={"dataset": str(data), "max_length": 96, "cache": str(tmp_path / "cache")},
+        train={"max_steps": 2},
+    )
+    result = train(load_config(cfg))
+    assert result.export_dir is not None and result.last_metrics["loss"] > 0
