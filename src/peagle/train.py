@@ -39,6 +39,7 @@ from .checkpoint import (
     capture_rng,
     list_checkpoints,
     load_checkpoint,
+    load_config_dict,
     resolve_resume,
     restore_rng,
     save_checkpoint,
@@ -527,6 +528,15 @@ def _validate(trainer: Any, data: _Data, source: Any, cfg: Config, d: _Dist, aut
 # the loop
 
 
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for sec in sorted(set(old) | set(new)):
+        a, b = old.get(sec) or {}, new.get(sec) or {}
+        keys += [f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return keys
+
+
 def _global_step_rows(data: _Data, epoch: int, row: int) -> list[list[int]]:
     return data.epoch_rows(epoch)[row : row + data.rows_per_step]
 
@@ -642,6 +652,9 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, sto
     logger = _Logger(cfg, out, total, state.step, d.main)
     if ckpt is not None:
         logger.write(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch})")
+        changed = _config_changes(load_config_dict(ckpt), config_to_dict(cfg))
+        if changed:
+            logger.write(f"note: config differs from the checkpoint's in {', '.join(changed)}")
 
     use_autocast = _dtype(t_cfg.dtype, d.device) == torch.bfloat16
 
@@ -693,9 +706,9 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, sto
             from .evaluate import ContinuationSet, acceptance_on
 
             if cs is None:
-                cs = ContinuationSet.prepare(target, cfg.eval.prompts, cfg.eval.max_new_tokens, progress=False)
-                if len(cs) > cfg.eval.num_prompts:
-                    cs = _first_prompts(cs, cfg.eval.num_prompts)
+                cs = ContinuationSet.prepare(
+                    target, cfg.eval.prompts, cfg.eval.max_new_tokens, limit=cfg.eval.num_prompts, progress=False
+                )
             acc = acceptance_on(draft, cs, m_cfg.num_depths)
             rec["acceptance_length"] = float(acc["acceptance_length"])
             for k, v in acc["acceptance_length_by_k"].items():
@@ -809,13 +822,3 @@ def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, sto
         existing = list_checkpoints(out)
         result.checkpoint = existing[-1][1] if existing else None
     return result
-
-
-def _first_prompts(cs: Any, n: int) -> Any:
-    """The first ``n`` prompts of a ContinuationSet."""
-    import dataclasses
-
-    fields = {f.name: getattr(cs, f.name) for f in dataclasses.fields(cs)}
-    for name in ("prompt_ids", "continuations", "stop_reasons", "aux", "completions"):
-        fields[name] = list(fields[name])[:n]
-    return type(cs)(**fields)
