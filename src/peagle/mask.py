@@ -147,8 +147,9 @@ def _edge_mask_(x: Tensor, start: Tensor, end: Tensor, lo: int, full_lo: int, fu
 class _RangeAttention(torch.autograd.Function):
     """Each query i attends keys start[i]..end[i] (inclusive); returns (out, lse) with lse differentiable.
 
-    Queries are sorted by range end once and laid out head-major ([Hkv, G, M, hd]) so every chunk is a
-    contiguous slice; scores of one chunk ([Hkv, G, c, R]) are the only quadratic buffer.
+    Queries are sorted by range end once and laid out [Hkv, M, G, hd], so a chunk of queries is a
+    contiguous [Hkv, c·G, hd] view and every product is a plain bmm against [Hkv, R, hd] keys (GQA
+    without copies). One chunk's scores ([Hkv, c·G, R]) are the only quadratic buffer.
     """
 
     @staticmethod
@@ -159,30 +160,36 @@ class _RangeAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) accumulation
         order = torch.argsort(end, stable=True)
         start_s, end_s = start[order], end[order]
-        qh = q[order].to(acc).view(m, hkv, g, d).permute(1, 2, 0, 3).contiguous()  # [hkv, g, m, d]
+        qh = q[order].to(acc).view(m, hkv, g, d).transpose(0, 1).contiguous()  # [hkv, m, g, d]
         kh = k.to(acc).transpose(0, 1).contiguous()  # [hkv, n, d]
         vh = v.to(acc).transpose(0, 1).contiguous()
-        out_h = torch.zeros(hkv, g, m, d, dtype=acc, device=q.device)
-        lse_h = torch.full((hkv, g, m), float("-inf"), dtype=acc, device=q.device)
+        out_h = torch.empty(hkv, m, g, d, dtype=acc, device=q.device)
+        lse_h = torch.empty(hkv, m, g, dtype=acc, device=q.device)
         chunks = _chunks(start_s, end_s, budget, hq)
         for i, j, lo, hi, full_lo, full_hi in chunks:
-            s = torch.matmul(qh[:, :, i:j], kh[:, None, lo : hi + 1].transpose(-1, -2)).mul_(scale)
-            _edge_mask_(s, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, float("-inf"))
+            c = j - i
+            s = torch.bmm(qh[:, i:j].reshape(hkv, c * g, d), kh[:, lo : hi + 1].transpose(1, 2)).mul_(scale)
+            _edge_mask_(s.view(hkv, c, g, -1).transpose(1, 2), start_s[i:j], end_s[i:j], lo, full_lo, full_hi,
+                        float("-inf"))
             mx = s.amax(-1, keepdim=True)
             mx = torch.where(torch.isfinite(mx), mx, 0.0)
             p = s.sub_(mx).exp_()
             total = p.sum(-1, keepdim=True)
-            out_h[:, :, i:j] = torch.matmul(p, vh[:, None, lo : hi + 1]).div_(total)
-            lse_h[:, :, i:j] = (total.log_() + mx).squeeze(-1)
-        dead = start_s > end_s  # empty ranges (padding queries): out 0, lse -inf
-        out_h[:, :, dead] = 0.0
-        lse_h[:, :, dead] = float("-inf")
+            out_h[:, i:j] = torch.bmm(p, vh[:, lo : hi + 1]).div_(total).view(hkv, c, g, d)
+            lse_h[:, i:j] = total.log_().add_(mx).view(hkv, c, g)
+        covered = torch.zeros(m, dtype=torch.bool, device=q.device)
+        for i, j, *_ in chunks:
+            covered[i:j] = True
+        dead = (start_s > end_s) | ~covered  # empty ranges (padding queries): out 0, lse -inf
+        if bool(dead.any()):
+            out_h.masked_fill_(dead[None, :, None, None], 0.0)
+            lse_h.masked_fill_(dead[None, :, None], float("-inf"))
         inv = torch.empty_like(order)
         inv[order] = torch.arange(m, device=q.device)
         ctx.save_for_backward(qh, kh, vh, start_s, end_s, out_h, lse_h, order, inv)
         ctx.shape, ctx.scale, ctx.chunks = (m, hq, d, k.dtype, v.dtype, q.dtype), scale, chunks
-        out = out_h.permute(2, 0, 1, 3).reshape(m, hq, d)[inv]
-        lse = lse_h.permute(2, 0, 1).reshape(m, hq)[inv]
+        out = out_h.transpose(0, 1).reshape(m, hq, d)[inv]
+        lse = lse_h.transpose(0, 1).reshape(m, hq)[inv]
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -191,28 +198,31 @@ class _RangeAttention(torch.autograd.Function):
         m, hq, d, kdt, vdt, qdt = ctx.shape
         hkv, g = kh.shape[0], hq // kh.shape[0]
         scale, acc = ctx.scale, out_h.dtype
-        dout_h = (dout[order].to(acc).view(m, hkv, g, d).permute(1, 2, 0, 3).contiguous()
+        dout_h = (dout[order].to(acc).view(m, hkv, g, d).transpose(0, 1).contiguous()
                   if dout is not None else torch.zeros_like(out_h))
-        delta = (dout_h * out_h).sum(-1)  # [hkv, g, m]
+        delta = (dout_h * out_h).sum(-1)  # [hkv, m, g]
         if dlse is not None:
-            delta -= dlse[order].to(acc).view(m, hkv, g).permute(1, 2, 0)
+            delta -= dlse[order].to(acc).view(m, hkv, g).transpose(0, 1)
         dq_h = torch.zeros_like(qh)
         dk_h = torch.zeros_like(kh)
         dv_h = torch.zeros_like(vh)
         for i, j, lo, hi, full_lo, full_hi in ctx.chunks:
-            kc, vc = kh[:, None, lo : hi + 1], vh[:, None, lo : hi + 1]
-            s = torch.matmul(qh[:, :, i:j], kc.transpose(-1, -2)).mul_(scale)
-            l = lse_h[:, :, i:j, None]
+            c = j - i
+            kc, vc = kh[:, lo : hi + 1], vh[:, lo : hi + 1]
+            qc = qh[:, i:j].reshape(hkv, c * g, d)
+            s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale)
+            l = lse_h[:, i:j].reshape(hkv, c * g, 1)
             p = s.sub_(torch.where(torch.isfinite(l), l, 0.0)).exp_()
-            _edge_mask_(p, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, 0.0)
-            p.masked_fill_((start_s[i:j] > end_s[i:j])[:, None], 0.0)
-            do = dout_h[:, :, i:j]
-            dv_h[:, lo : hi + 1] += torch.matmul(p.transpose(-1, -2), do).sum(1)
-            dp = torch.matmul(do, vc.transpose(-1, -2))
-            ds = p.mul_(dp.sub_(delta[:, :, i:j, None])).mul_(scale)
-            dq_h[:, :, i:j] = torch.matmul(ds, kc)
-            dk_h[:, lo : hi + 1] += torch.matmul(ds.transpose(-1, -2), qh[:, :, i:j]).sum(1)
-        dq = dq_h.permute(2, 0, 1, 3).reshape(m, hq, d)[inv]
+            p4 = p.view(hkv, c, g, -1).transpose(1, 2)
+            _edge_mask_(p4, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, 0.0)
+            p4.masked_fill_((start_s[i:j] > end_s[i:j])[:, None], 0.0)
+            do = dout_h[:, i:j].reshape(hkv, c * g, d)
+            dv_h[:, lo : hi + 1] += torch.bmm(p.transpose(1, 2), do)
+            dp = torch.bmm(do, vc.transpose(1, 2))
+            ds = p.mul_(dp.sub_(delta[:, i:j].reshape(hkv, c * g, 1))).mul_(scale)
+            dq_h[:, i:j] = torch.bmm(ds, kc).view(hkv, c, g, d)
+            dk_h[:, lo : hi + 1] += torch.bmm(ds.transpose(1, 2), qc)
+        dq = dq_h.transpose(0, 1).reshape(m, hq, d)[inv]
         return dq.to(qdt), dk_h.transpose(0, 1).to(kdt), dv_h.transpose(0, 1).to(vdt), None, None, None, None
 
 
