@@ -180,9 +180,31 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 # train / export / eval / demo
 
 
+def _config_keys_help() -> str:
+    """Every config key with its default and help (the epilog of `peagle train --help`)."""
+    import dataclasses
+
+    from .config import SECTIONS
+
+    lines = ["config keys (YAML sections, or --section.key VALUE):"]
+    for sec, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = "null" if f.default is None else repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "(required)"
+            text = f.metadata.get("help", "")
+            lines.append(f"  {sec}.{f.name} = {default}" + (f"  # {text}" if text else ""))
+    return "\n".join(lines)
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_config_keys_help(),
         help="train a P-EAGLE draft (single process or under torchrun)",
         description="Train a P-EAGLE draft. Any config key can be overridden on the command line as "
         "--section.key VALUE (e.g. --optim.lr 1e-4 --train.max_steps 100). Exit status 130: "

@@ -8,7 +8,7 @@ came from and the closest valid key), wrong types and out-of-range values all ra
 Example::
 
     data:  {dataset: runs/prepared, max_length: 2048}
-    model: {target: meta-llama/Llama-3.1-8B-Instruct, num_layers: 1}
+    model: {target: /models/Llama-3.1-8B-Instruct, target_name: meta-llama/Llama-3.1-8B-Instruct}
     optim: {lr: 3.0e-4, warmup_steps: 100}
     train: {output_dir: runs/llama-peagle, micro_batch_size: 2, grad_accum: 4, epochs: 2}
 
@@ -84,7 +84,7 @@ class ModelConfig:
         "auto", help="target weights dtype: auto = bf16 on CUDA, fp32 on CPU"
     )
     aux_layer_ids: list[int] | None = _f(None, help="target layers whose inputs are the aux states")
-    num_layers: int = _f(1, ge=1, help="draft decoder layers")
+    num_layers: int = _f(4, ge=1, help="draft decoder layers (DraftConfig.num_hidden_layers)")
     num_depths: int = _f(8, ge=1, help="K: tokens drafted in parallel (COD depths)")
     ratio: float = _f(0.7, gt=0.0, le=1.0, help="COD down-sampling ratio r")
     ratio_min: float = _f(0.2, gt=0.0, le=1.0, help="COD ratio floor r_min")
@@ -140,7 +140,7 @@ class EvalConfig:
     """Acceptance-length evaluation during training (``peagle.evaluate``)."""
 
     enabled: bool = _f(True, help="measure acceptance length at each validation")
-    prompts: str | None = _f(None, help="JSONL prompts; null = prompts of held-out validation examples")
+    prompts: str | None = _f(None, help="JSONL prompts for acceptance length; null = no AL evaluation")
     num_prompts: int = _f(8, ge=1)
     max_new_tokens: int = _f(64, ge=1)
 
