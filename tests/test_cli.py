@@ -263,6 +263,11 @@ def test_target_not_a_model(capsys, prepared, chat_tokenizer_dir, tmp_path) -> N
     )
 
 
+def test_aux_layer_ids_out_of_range(capsys, prepared, llama_dir, tmp_path) -> None:
+    cfg = _cfg(tmp_path, prepared, llama_dir)
+    _fails(capsys, ["train", str(cfg), "--model.aux_layer_ids", "[2, 3, 99]"], "aux_layer_ids", "out of range")
+
+
 def test_dataset_not_prepared(capsys, llama_dir, tmp_path) -> None:
     _fails(capsys, ["train", str(_cfg(tmp_path, tmp_path, llama_dir))], "data.dataset", "peagle prepare")
 

@@ -320,8 +320,10 @@ def read_draft_choice(prepared_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) -> tuple[Any, Any, Any, Any]:
-    """(target, draft, draft vocab, state source): the source is the target (online) or the cache."""
+def _build(
+    cfg: Config, d: _Dist, vocab: Any, mask: int, cache: Any, need_target_on_device: bool
+) -> tuple[Any, Any, Any]:
+    """(target, draft, state source): the source is the target (online) or the cache (offline)."""
     from .draft import DraftConfig, PEagleDraft
     from .target import Target, TargetError
 
@@ -337,8 +339,8 @@ def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) ->
         )
     except TargetError as e:
         raise ConfigError(f"model.target: {e}") from None
-    tok_len = int((prepared.manifest.get("tokenizer") or {}).get("len") or target.vocab_size)
-    vocab, mask = _vocab_and_mask(cfg, prepared, tok_len, target.vocab_size)
+    if target.vocab_size != vocab.t2d.numel():
+        raise ConfigError(f"model.target: lm_head has {target.vocab_size} rows but the config says {vocab.t2d.numel()}")
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     dcfg = DraftConfig.from_target(
@@ -364,22 +366,10 @@ def _build(cfg: Config, prepared: Any, d: _Dist, need_target_on_device: bool) ->
     if m.freeze_lm_head:
         draft.freeze_lm_head()
     draft.gradient_checkpointing = m.activation_checkpointing
-    if offline:
-        from .cache import CachedStates, CacheError
-
-        try:
-            source = CachedStates(cfg.data.cache, dtype=torch.float32 if d.device.type == "cpu" else None)
-        except CacheError as e:
-            raise ConfigError(f"data.cache: {e}") from None
-        if len(source) != len(prepared) or tuple(source.aux_layer_ids) != tuple(target.aux_layer_ids):
-            raise ConfigError(
-                f"data.cache {cfg.data.cache} was built for another dataset or target "
-                f"({len(source)} examples, aux layers {list(source.aux_layer_ids)}; expected {len(prepared)}, "
-                f"{list(target.aux_layer_ids)})"
-            )
-    else:
-        source = target
-    return target, draft, vocab, source
+    if cache is not None and d.device.type == "cpu":
+        cache.dtype = torch.float32  # bf16 on disk; the CPU path trains in fp32
+    source = cache if cache is not None else target
+    return target, draft, source
 
 
 def _param_groups(draft: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -581,23 +571,74 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
         prepared = load_prepared(cfg.data.dataset)
     except DataError as e:
         raise ConfigError(f"data.dataset: {e}") from None
+    vocab_size, num_layers = _target_shape(cfg)
+    prepared_vocab = prepared.manifest.get("vocab_size")
+    if prepared_vocab is not None and int(prepared_vocab) != vocab_size:
+        raise ConfigError(
+            f"data.dataset {cfg.data.dataset} was prepared for a vocabulary of {prepared_vocab} tokens, but "
+            f"model.target {cfg.model.target} has {vocab_size}: prepare it with this target"
+        )
+    tok_len = int((prepared.manifest.get("tokenizer") or {}).get("len") or vocab_size)
+    vocab, mask = _vocab_and_mask(cfg, prepared, tok_len, vocab_size)
+    cache = _open_cache(cfg, prepared, num_layers)
 
     d = _init_distributed(cfg.train.device)
     try:
-        return _run(cfg, d, prepared, out, ckpt, stop_after)
+        return _run(cfg, d, prepared, out, ckpt, stop_after, (vocab, mask, cache))
     finally:
         if d.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, stop_after: int | None) -> TrainResult:
+def _target_shape(cfg: Config) -> tuple[int, int]:
+    """(vocab size, layers) of the target from its config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        tc = AutoConfig.from_pretrained(cfg.model.target, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.target: cannot read {cfg.model.target}/config.json: {first}") from None
+    tc = tc.get_text_config() if hasattr(tc, "get_text_config") else tc
+    vocab, layers = getattr(tc, "vocab_size", None), getattr(tc, "num_hidden_layers", None)
+    if not vocab or not layers:
+        raise ConfigError(f"model.target: {cfg.model.target} is not a decoder LM config (no vocab_size/layers)")
+    if cfg.model.aux_layer_ids is not None and max(cfg.model.aux_layer_ids) > layers:
+        raise ConfigError(f"model.aux_layer_ids {cfg.model.aux_layer_ids} out of range for {layers} target layers")
+    return int(vocab), int(layers)
+
+
+def _open_cache(cfg: Config, prepared: Any, num_layers: int) -> Any:
+    """The offline state cache (None when online), checked against the dataset and target."""
+    if cfg.data.cache is None:
+        return None
+    from .cache import CachedStates, CacheError
+    from .target import default_aux_layer_ids
+
+    try:
+        cache = CachedStates(cfg.data.cache)
+    except CacheError as e:
+        raise ConfigError(f"data.cache: {e}") from None
+    aux = tuple(cfg.model.aux_layer_ids or default_aux_layer_ids(num_layers))
+    if len(cache) != len(prepared) or tuple(cache.aux_layer_ids) != aux:
+        raise ConfigError(
+            f"data.cache {cfg.data.cache} was built for another dataset or target ({len(cache)} examples, "
+            f"aux layers {list(cache.aux_layer_ids)}; expected {len(prepared)}, {list(aux)})"
+        )
+    return cache
+
+
+def _run(
+    cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, stop_after: int | None, pre: tuple
+) -> TrainResult:
     from .trainer import PEagleTrainer, StepMetrics
 
     t_cfg, m_cfg = cfg.train, cfg.model
     rows_per_step = d.world * t_cfg.grad_accum * t_cfg.micro_batch_size
     data = _Data(cfg, prepared, rows_per_step)
     want_al = cfg.eval.enabled and cfg.eval.prompts is not None
-    target, draft, vocab, source = _build(cfg, prepared, d, need_target_on_device=want_al)
+    vocab, mask, cache = pre
+    target, draft, source = _build(cfg, d, vocab, mask, cache, need_target_on_device=want_al)
     head = target.head(vocab.t2d)
     if source is not target and not want_al:
         target = None  # offline: the head is all we need from the target
