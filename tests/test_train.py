@@ -198,14 +198,27 @@ def test_resume_is_exact(llama_data: Path, llama_dir: Path, tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_partitions_and_accumulation_match_flat(llama_data: Path, llama_dir: Path, tmp_path: Path) -> None:
-    """S=3 partitions with 2 micro-batches of 1 row == S=1 with one micro-batch of 2 rows (fp32 rounding)."""
-    flat = _config(tmp_path, llama_data, llama_dir, "flat", train={"max_steps": 2})
+    """S=3 partitions + activation checkpointing, 2 micro-batches of 1 row == S=1, one micro-batch of 2 rows."""
+    flat = _config(
+        tmp_path,
+        llama_data,
+        llama_dir,
+        "flat",
+        model={"target": str(llama_dir), "num_layers": 2, "num_depths": 3},
+        train={"max_steps": 2},
+    )
     parts = _config(
         tmp_path,
         llama_data,
         llama_dir,
         "parts",
-        model={"target": str(llama_dir), "num_layers": 1, "num_depths": 3, "sequence_partitions": 3},
+        model={
+            "target": str(llama_dir),
+            "num_layers": 2,
+            "num_depths": 3,
+            "sequence_partitions": 3,
+            "activation_checkpointing": True,
+        },
         train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": 2},
     )
     train(load_config(flat))
