@@ -3,7 +3,8 @@
 User errors (bad config, data, paths, checkpoints) print ONE line ``peagle: error: ...`` on stderr
 and exit with status 1 (argparse usage errors: 2); unexpected exceptions keep their traceback (set
 ``PEAGLE_DEBUG=1`` to get tracebacks for user errors too). ``peagle train`` exits with 130 when it
-was interrupted by SIGINT/SIGTERM after saving a resumable checkpoint.
+was interrupted by SIGINT/SIGTERM after saving a resumable checkpoint. Targets and tokenizers are
+local directories: the CLI sets ``HF_HUB_OFFLINE=1`` unless the environment sets it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ __all__ = ["main", "build_parser"]
 USER_ERROR_EXIT_CODE = 1
 
 
+class CliError(Exception):
+    """A command that cannot run as asked (printed as one line)."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "bad input", printed as one line."""
-    kinds: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError]
+    kinds: list[type[BaseException]] = [CliError, ValueError, FileNotFoundError, NotADirectoryError]
     try:
         from .errors import PeagleError  # type: ignore[import-not-found]
 
@@ -261,17 +266,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _delegate(module: str, argv: list[str]) -> int:
-    """Run ``peagle.<module>``'s ``cli_main(argv)`` (imported lazily: other commands never need it)."""
+    """Run ``cli_main(argv)`` (or ``main``) of ``peagle.<module>`` or ``peagle.<module>.cli``.
+
+    Imported lazily, so other commands never depend on these modules.
+    """
     import importlib
 
-    try:
-        mod = importlib.import_module(f".{module}", __package__)
-    except ImportError as e:
-        raise RuntimeError(f"peagle {module}: this installation lacks peagle.{module} ({e})") from None
-    fn = getattr(mod, "cli_main", None) or getattr(mod, "main", None)
-    if fn is None:
-        raise RuntimeError(f"peagle.{module} has no cli_main()")
-    return int(fn(argv) or 0)
+    for name in (f".{module}", f".{module}.cli", f".{module}.run"):
+        try:
+            mod = importlib.import_module(name, __package__)
+        except ModuleNotFoundError as e:
+            if e.name is not None and not e.name.startswith(f"{__package__}.{module}"):
+                raise
+            continue
+        fn = getattr(mod, "cli_main", None) or getattr(mod, "main", None)
+        if fn is not None:
+            return int(fn(argv) or 0)
+    raise CliError(f"peagle {module}: peagle.{module} provides no cli_main(argv) in this installation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``peagle`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Models and tokenizers are local directories: fail fast instead of retrying hub downloads
+    # (export HF_HUB_OFFLINE=0 to allow them).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv and argv[0] in ("eval", "demo"):
         return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
     parser = build_parser()
@@ -318,7 +332,7 @@ def _guard(fn: Any) -> int:
         print("peagle: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as e:
-        if debug or not _raised_by_peagle(e):
+        if debug or not (isinstance(e, CliError) or _raised_by_peagle(e)):
             raise
         print(f"peagle: error: {_one_line(e)}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
