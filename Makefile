@@ -17,10 +17,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -n 2 tests 2>/dev/null || $(BIN)/pytest tests
+	$(BIN)/pytest tests
 
 demo: $(STAMP)
 	$(BIN)/peagle demo --out demo-output
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step.py

@@ -98,6 +98,8 @@ class Target:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = Path(path)
+        if not self.path.exists():  # a local path only: never wait on hub retries for a typo
+            raise TargetError(f"target {path}: no such path (expected a local Hugging Face model directory)")
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
