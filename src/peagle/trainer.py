@@ -305,7 +305,6 @@ class PEagleTrainer(nn.Module):
     def plan(self, batch: Batch) -> Plan:
         """Sample COD once, run the depth-0 stream once, and split the rest into S segment units."""
         lay = self._layout(batch)
-        n_stream = lay.docs.numel()
         local_anchor = lay.anchor % lay.n
         seg = assign_segments(local_anchor, lay.depth, lay.n, self.sequence_partitions)
         units: list = []
@@ -318,55 +317,42 @@ class PEagleTrainer(nn.Module):
                 units.append(_SegmentUnit(deep=deep, charged=charged))
         units.append(_ContextUnit())
         plan = Plan(lay, units, int(lay.supervised.sum()))
-        record: dict = {}
-        ids, hidden, positions = self._assemble(lay, None, stream=True)
-        attn = CODAttention(lay.key_start[:n_stream], lay.anchor[:n_stream], lay.chain[:n_stream, :0],
-                            num_context=n_stream, record=record)
-        h = self.draft(ids, hidden, positions, attn)
+        h, record = self._stream(lay)
         plan.context = [(record[i][0].detach().requires_grad_(), record[i][1].detach().requires_grad_())
                         for i in range(len(record))]
         plan.stream_hidden = h.detach().requires_grad_()
         return plan
 
-    def _segment_forward(self, plan: Plan, i: int, normalizer) -> StepOutput:
-        lay = plan.layout
-        unit = plan.units[i]
-        norm = _normalizer(normalizer, plan.supervised_count)
+    def _stream(self, lay: _Layout) -> tuple[Tensor, dict]:
+        """The depth-0 stream alone: its last hidden state and every layer's (k, v)."""
         n_stream = lay.docs.numel()
+        record: dict = {}
+        ids, hidden, positions = self._assemble(lay, None, stream=True)
+        attn = CODAttention(lay.key_start[:n_stream], lay.anchor[:n_stream], lay.chain[:n_stream, :0],
+                            num_context=n_stream, record=record)
+        return self.draft(ids, hidden, positions, attn), record
+
+    def _segment_forward(self, plan: Plan, i: int, normalizer) -> StepOutput:
+        lay, unit = plan.layout, plan.units[i]
         if isinstance(unit, _ContextUnit):
             return StepOutput(self._inject_context(plan), StepMetrics.zeros(self.num_depths))
-        deep = unit.deep
-        h_deep = None
-        if deep.numel():
+        deep, charged = unit.deep, unit.charged
+        from_stream = charged < lay.docs.numel()
+        rows = [plan.stream_hidden[charged[from_stream]]]
+        if deep.numel():  # deep elements are all supervised: they are charged[~from_stream], in order
             local = torch.full((lay.anchor.numel(),), -1, dtype=torch.long, device=deep.device)
             local[deep] = torch.arange(deep.numel(), device=deep.device)
             chain = lay.chain[deep]
             chain = torch.where(chain >= 0, local[chain.clamp(min=0)], -1)
             ids, hidden, positions = self._assemble(lay, deep, stream=False)
             attn = CODAttention(lay.key_start[deep], lay.anchor[deep], chain, context=plan.context)
-            h_deep = self.draft(ids, hidden, positions, attn)
-        charged = unit.charged
-        is_stream = charged < n_stream
-        rows = []
-        if bool(is_stream.any()):
-            rows.append(plan.stream_hidden[charged[is_stream]])
-        if bool((~is_stream).any()):
-            local = torch.full((lay.anchor.numel(),), -1, dtype=torch.long, device=deep.device)
-            local[deep] = torch.arange(deep.numel(), device=deep.device)
-            rows.append(h_deep[local[charged[~is_stream]]])
-        order = torch.cat([charged[is_stream], charged[~is_stream]])
-        sums = self._loss(lay, torch.cat(rows), order)
-        return StepOutput(sums.kl_sum / norm, StepMetrics.from_sums(sums))
+            rows.append(self.draft(ids, hidden, positions, attn))
+        sums = self._loss(lay, torch.cat(rows), torch.cat([charged[from_stream], deep]))
+        return StepOutput(sums.kl_sum / _normalizer(normalizer, plan.supervised_count), StepMetrics.from_sums(sums))
 
     def _inject_context(self, plan: Plan) -> Tensor:
         """Recompute the depth-0 stream with grad; a zero-valued loss carrying the leaves' gradients."""
-        lay = plan.layout
-        n_stream = lay.docs.numel()
-        record: dict = {}
-        ids, hidden, positions = self._assemble(lay, None, stream=True)
-        attn = CODAttention(lay.key_start[:n_stream], lay.anchor[:n_stream], lay.chain[:n_stream, :0],
-                            num_context=n_stream, record=record)
-        h = self.draft(ids, hidden, positions, attn)
+        h, record = self._stream(plan.layout)
         terms = [(h * plan.stream_hidden.grad).sum()] if plan.stream_hidden.grad is not None else []
         for layer, (k_leaf, v_leaf) in enumerate(plan.context):
             k, v = record[layer]
