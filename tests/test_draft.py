@@ -497,3 +497,23 @@ def test_vocab_mapping_and_lm_head_init():
     assert model.embed_tokens.weight.requires_grad and model.mask_hidden.requires_grad
     with pytest.raises(ValueError, match="lm_head"):
         model.init_lm_head_from_target(torch.randn(40, 16))
+
+
+def test_fused_swiglu_matches_plain_mlp_values_and_gradients():
+    import torch.nn.functional as F
+
+    from peagle.draft import MLP
+
+    torch.manual_seed(0)
+    cfg = DraftConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=24,
+                      vocab_size=32, mask_token_id=31)
+    mlp = MLP(cfg).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    y = mlp(x)
+    w = torch.randn_like(y)
+    fused = torch.autograd.grad((y * w).sum(), [x, *mlp.parameters()])
+    plain_y = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    plain = torch.autograd.grad((plain_y * w).sum(), [x, *mlp.parameters()])
+    assert torch.allclose(y, plain_y)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

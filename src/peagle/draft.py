@@ -374,10 +374,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        dtype = x.dtype  # HF semantics: normalise in fp32, cast back, then scale (fused kernel)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
 
 
 class Rotary(nn.Module):
@@ -453,7 +451,36 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_autocast_enabled(x.device.type) or not torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) saving only x, gate(x) and up(x): the activation and the product
+    (two more [M, intermediate] tensors per layer) are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down):  # noqa: ANN001, ANN205
+        g, u = F.linear(x, w_gate), F.linear(x, w_up)
+        ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        return F.linear(F.silu(g) * u, w_down)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        act = g * sig
+        da = dy @ w_down
+        d_down = dy.reshape(-1, dy.shape[-1]).T @ (act * u).reshape(-1, u.shape[-1]) \
+            if ctx.needs_input_grad[3] else None
+        du = da * act
+        dg = da.mul_(u).mul_(sig.mul_(g.mul(1 - sig).add_(1)))  # silu'(g) = s·(1 + g·(1 − s))
+        dx = dg @ w_gate + du @ w_up
+        x2 = x.reshape(-1, x.shape[-1])
+        d_gate = dg.reshape(-1, dg.shape[-1]).T @ x2 if ctx.needs_input_grad[1] else None
+        d_up = du.reshape(-1, du.shape[-1]).T @ x2 if ctx.needs_input_grad[2] else None
+        return dx, d_gate, d_up, d_down
 
 
 class DecoderLayer(nn.Module):

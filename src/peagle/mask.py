@@ -245,7 +245,9 @@ def _chain_part(q: Tensor, k: Tensor, v: Tensor, chain: Tensor, scale: float) ->
     valid = chain >= 0
     idx = chain.clamp(min=0)
     acc = torch.promote_types(q.dtype, torch.float32)
-    kc, vc = k[idx].to(acc), v[idx].to(acc)  # [r, c, hkv, d]
+    flat = idx.reshape(-1)  # index_select: its backward is a fast index_add, not an accumulating index_put
+    kc = k.index_select(0, flat).view(r, -1, hkv, d).to(acc)  # [r, c, hkv, d]
+    vc = v.index_select(0, flat).view(r, -1, hkv, d).to(acc)
     s = torch.einsum("rhgd,rchd->rhgc", q.to(acc).view(r, hkv, hq // hkv, d), kc) * scale
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
@@ -303,6 +305,8 @@ class CODAttention:
         out, lse = range_attention(q, k_ctx, v_ctx, self.key_start, self.key_end)
         if self.rows.numel() == 0:
             return out
-        out_b, lse_b = chain_attention(q[self.rows], k, v, self.chain)
-        merged = merge_attention(out[self.rows], lse[self.rows], out_b, lse_b).to(out.dtype)
-        return out.index_copy(0, self.rows, merged)
+        rows = self.rows
+        out_b, lse_b = chain_attention(q.index_select(0, rows), k, v, self.chain)
+        merged = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), out_b, lse_b)
+        merged = merged.to(out.dtype)
+        return out.index_copy(0, rows, merged)

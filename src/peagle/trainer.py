@@ -296,7 +296,7 @@ class PEagleTrainer(nn.Module):
                                                                   device=lay.anchor.device), stream=True)
         h = self.draft(ids, hidden, positions, self._attention(lay))
         sup = torch.nonzero(lay.supervised).squeeze(1)
-        sums = self._loss(lay, h[sup], sup)
+        sums = self._loss(lay, h.index_select(0, sup), sup)
         norm = _normalizer(normalizer, sup.numel())
         return StepOutput(sums.kl_sum / norm, StepMetrics.from_sums(sums))
 
@@ -338,7 +338,7 @@ class PEagleTrainer(nn.Module):
             return StepOutput(self._inject_context(plan), StepMetrics.zeros(self.num_depths))
         deep, charged = unit.deep, unit.charged
         from_stream = charged < lay.docs.numel()
-        rows = [plan.stream_hidden[charged[from_stream]]]
+        rows = [plan.stream_hidden.index_select(0, charged[from_stream])]
         if deep.numel():  # deep elements are all supervised: they are charged[~from_stream], in order
             local = torch.full((lay.anchor.numel(),), -1, dtype=torch.long, device=deep.device)
             local[deep] = torch.arange(deep.numel(), device=deep.device)
