@@ -132,3 +132,17 @@ def test_flex_block_mask_matches_dense_forward_on_cpu():
     live = docs[anchor] >= 0  # padding queries: both give 0 by convention, flex may differ
     assert torch.allclose(out[live], ref[live], atol=1e-5)
     assert torch.allclose(structured, ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_flex_forward_matches_dense_for_two_sizes():
+    """The CUDA path (compiled flex, dynamic shapes), checked forward-only on CPU at two lengths."""
+    for layout in ([(40, 3), (25, 0), (30, 5)], [(70, 0), (33, 2)]):
+        docs, anchor, depth = _random_layout(layout, seed=3, k=4)
+        m = anchor.numel()
+        q, k, v = torch.randn(m, 4, 16), torch.randn(m, 2, 16), torch.randn(m, 2, 16)
+        with torch.no_grad():
+            out = FlexCODAttention(anchor, depth, docs, compiled=True)(0, q, k, v)
+        ref = dense_attention(q, k, v, cod_mask(anchor, depth, docs))
+        live = docs[anchor] >= 0
+        assert torch.allclose(out[live], ref[live], atol=1e-5)
