@@ -355,6 +355,16 @@ def full_cod(document_ids: torch.Tensor, num_depths: int) -> tuple[torch.Tensor,
 # Algorithm 1 and chains
 
 
+def _check_elements(anchor: torch.Tensor, depth: torch.Tensor) -> None:
+    """anchor and depth: 1-D integer tensors of the same shape (one entry per COD element)."""
+    _check_1d_int("anchor", anchor)
+    _check_1d_int("depth", depth)
+    if anchor.shape != depth.shape:
+        raise ValueError(
+            f"anchor and depth must have the same shape, got {tuple(anchor.shape)} and {tuple(depth.shape)}"
+        )
+
+
 def assign_segments(
     anchor: torch.Tensor, depth: torch.Tensor, seq_len: int, num_segments: int
 ) -> torch.Tensor:
@@ -369,12 +379,7 @@ def assign_segments(
         raise ValueError(f"num_segments must be an int >= 1, got {num_segments!r}")
     if not _is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    _check_1d_int("anchor", anchor)
-    _check_1d_int("depth", depth)
-    if anchor.shape != depth.shape:
-        raise ValueError(
-            f"anchor and depth must have the same shape, got {tuple(anchor.shape)} and {tuple(depth.shape)}"
-        )
+    _check_elements(anchor, depth)
     bucket = anchor.to(torch.long) + (depth > 0).to(torch.long)
     return torch.clamp(bucket * num_segments // seq_len, max=num_segments - 1)
 
@@ -387,12 +392,7 @@ def chain_table(anchor: torch.Tensor, depth: torch.Tensor, num_depths: int) -> t
     """
     if not _is_int(num_depths) or num_depths < 1:
         raise ValueError(f"num_depths must be an int >= 1, got {num_depths!r}")
-    _check_1d_int("anchor", anchor)
-    _check_1d_int("depth", depth)
-    if anchor.shape != depth.shape:
-        raise ValueError(
-            f"anchor and depth must have the same shape, got {tuple(anchor.shape)} and {tuple(depth.shape)}"
-        )
+    _check_elements(anchor, depth)
     m = anchor.numel()
     if m == 0:
         return torch.empty((0, num_depths), dtype=torch.long, device=anchor.device)

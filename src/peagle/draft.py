@@ -180,9 +180,9 @@ class DraftConfig:
         """Width of the concatenated aux state entering fc (= num_aux_layers · target_hidden_size)."""
         return self.num_aux_layers * self.target_hidden_size
 
-    def llama_config(self) -> transformers.LlamaConfig:
-        """The equivalent HF LlamaConfig (used for the rotary embedding, so RoPE scaling is HF's)."""
-        return transformers.LlamaConfig(
+    def _layer_fields(self) -> dict[str, Any]:
+        """The HF layer-config fields this config owns (shared by llama_config and the checkpoint)."""
+        return dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -191,10 +191,14 @@ class DraftConfig:
             num_key_value_heads=self.num_key_value_heads,
             head_dim=self.head_dim,
             hidden_act=self.hidden_act,
-            max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
             rope_parameters=copy.deepcopy(self.rope_parameters),
         )
+
+    def llama_config(self) -> transformers.LlamaConfig:
+        """The equivalent HF LlamaConfig (used for the rotary embedding, so RoPE scaling is HF's)."""
+        return transformers.LlamaConfig(**self._layer_fields())
 
     def to_speculators_config(self, dtype: str = "float32") -> dict[str, Any]:
         """config.json content in the speculators P-EAGLE format (the structure speculators 0.9.0 writes).
@@ -204,17 +208,7 @@ class DraftConfig:
         layer = dict(_LLAMA_FIXED)
         layer.update(
             model_type="llama",
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            hidden_act=self.hidden_act,
-            rms_norm_eps=self.rms_norm_eps,
-            max_position_embeddings=self.max_position_embeddings,
-            rope_parameters=copy.deepcopy(self.rope_parameters),
+            **self._layer_fields(),
             layer_types=["full_attention"] * self.num_hidden_layers,
             sliding_window=None,
         )
