@@ -228,7 +228,7 @@ class _RangeAttention(torch.autograd.Function):
 
 def range_attention(
     q: Tensor, k: Tensor, v: Tensor, start: Tensor, end: Tensor, scale: float | None = None,
-    budget: int = 1 << 22,
+    budget: int = 1 << 20,
 ) -> tuple[Tensor, Tensor]:
     """Attention where query i sees keys start[i]..end[i]; returns (out [M, Hq, hd], lse [M, Hq] fp32).
 
