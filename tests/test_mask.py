@@ -87,14 +87,15 @@ def _random_layout(draw_lengths, seed, k):
     return docs, anchor, depth
 
 
-def _structured(anchor, depth, docs, k):
+def _structured(anchor, depth, docs, k, stream=False):
     starts = document_starts(docs)
     real = docs[anchor] >= 0
     key_start = torch.where(real, starts[anchor], anchor + 1)
     table = chain_table(anchor, depth, k)[:, 1:]
     cols = torch.arange(1, k)
     chain = torch.where(cols[None, :] <= depth[:, None], table, -1)
-    return CODAttention(key_start, anchor, chain, num_context=docs.numel())
+    shape = (1, docs.numel()) if stream else None  # depth-0 stream through SDPA (causal or doc mask)
+    return CODAttention(key_start, anchor, chain, num_context=docs.numel(), stream_shape=shape)
 
 
 @settings(max_examples=25, deadline=None)
@@ -102,15 +103,16 @@ def _structured(anchor, depth, docs, k):
     lengths=st.lists(st.tuples(st.integers(2, 14), st.integers(0, 3)), min_size=1, max_size=4),
     seed=st.integers(0, 10_000),
     k=st.integers(1, 5),
+    stream=st.booleans(),
 )
-def test_structured_equals_dense_outputs_and_grads(lengths, seed, k):
+def test_structured_equals_dense_outputs_and_grads(lengths, seed, k, stream):
     docs, anchor, depth = _random_layout(lengths, seed, k)
     m = anchor.numel()
     torch.manual_seed(seed)
     q = torch.randn(m, 4, 8, dtype=torch.float64, requires_grad=True)
     kk = torch.randn(m, 2, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(m, 2, 8, dtype=torch.float64, requires_grad=True)
-    out = _structured(anchor, depth, docs, k)(0, q, kk, v)
+    out = _structured(anchor, depth, docs, k, stream)(0, q, kk, v)
     ref = dense_attention(q, kk, v, cod_mask(anchor, depth, docs))
     assert torch.allclose(out, ref, atol=1e-8)
     w = torch.randn_like(out)
@@ -146,3 +148,22 @@ def test_compiled_flex_forward_matches_dense_for_two_sizes():
         ref = dense_attention(q, k, v, cod_mask(anchor, depth, docs))
         live = docs[anchor] >= 0
         assert torch.allclose(out[live], ref[live], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [[(30, 5)], [(30, 0)], [(12, 2), (15, 3)]])
+def test_stream_path_causal_and_masked_match_dense(layout):
+    """One document + trailing padding takes SDPA's causal kernel; anything else the document mask."""
+    docs, anchor, depth = _random_layout(layout, seed=1, k=3)
+    attn = _structured(anchor, depth, docs, 3, stream=True)
+    assert attn.causal == (len(layout) == 1)
+    m = anchor.numel()
+    q = torch.randn(m, 4, 8, dtype=torch.float64, requires_grad=True)
+    kk = torch.randn(m, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(m, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = attn(0, q, kk, v)
+    ref = dense_attention(q, kk, v, cod_mask(anchor, depth, docs))
+    assert torch.allclose(out, ref, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), (q, kk, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, kk, v))
+    for g_, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g_, r, atol=1e-10)

@@ -289,11 +289,16 @@ class CODAttention:
     def __init__(
         self, key_start: Tensor, key_end: Tensor, chain: Tensor, *, num_context: int | None = None,
         context: list[tuple[Tensor, Tensor]] | None = None, record: dict | None = None,
+        stream_shape: tuple[int, int] | None = None,
     ):
         self.key_start, self.key_end = key_start, key_end
         self.rows = torch.nonzero((chain >= 0).any(dim=1)).squeeze(1)
         self.chain = chain[self.rows]
         self.num_context, self.context, self.record = num_context, context, record
+        self.stream_shape = stream_shape
+        self.num_stream = 0 if stream_shape is None else stream_shape[0] * stream_shape[1]
+        if stream_shape is not None:
+            self.causal, self.stream_mask, self.stream_dead = _stream_mask(key_start, key_end, *stream_shape)
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.record is not None:
@@ -302,11 +307,41 @@ class CODAttention:
             k_ctx, v_ctx = self.context[layer]
         else:
             k_ctx, v_ctx = k[: self.num_context], v[: self.num_context]
-        out, lse = range_attention(q, k_ctx, v_ctx, self.key_start, self.key_end)
-        if self.rows.numel() == 0:
-            return out
-        rows = self.rows
-        out_b, lse_b = chain_attention(q.index_select(0, rows), k, v, self.chain)
-        merged = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), out_b, lse_b)
-        merged = merged.to(out.dtype)
-        return out.index_copy(0, rows, merged)
+        s = self.num_stream
+        parts = [self._stream_attention(q[:s], k_ctx, v_ctx)] if s else []
+        if q.shape[0] > s:
+            out, lse = range_attention(q[s:], k_ctx, v_ctx, self.key_start[s:], self.key_end[s:])
+            if self.rows.numel():  # chain rows are never depth-0 stream rows
+                rows = self.rows - s
+                out_b, lse_b = chain_attention(q.index_select(0, self.rows), k, v, self.chain)
+                merged = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), out_b, lse_b)
+                out = out.index_copy(0, rows, merged.to(out.dtype))
+            parts.append(out)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _stream_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The depth-0 stream over itself, row by row, through SDPA's fused kernel."""
+        b, n = self.stream_shape
+        heads = lambda x: x.view(b, n, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(
+            heads(q), heads(k), heads(v), attn_mask=self.stream_mask, is_causal=self.causal,
+            enable_gqa=q.shape[1] != k.shape[1],
+        ).transpose(1, 2).reshape(q.shape)
+        return out.masked_fill(self.stream_dead[:, None, None], 0.0)
+
+
+def _stream_mask(key_start: Tensor, key_end: Tensor, b: int, n: int) -> tuple[bool, Tensor | None, Tensor]:
+    """SDPA arguments for the depth-0 stream of B rows × n: plain causal when every row is one
+    document from position 0 followed by padding, else a [B, 1, n, n] boolean document mask.
+    Padding queries (empty range) are returned as `dead`: they see only themselves, then give 0."""
+    offset = (torch.arange(b, device=key_start.device) * n)[:, None]
+    start = key_start[: b * n].view(b, n) - offset
+    end = key_end[: b * n].view(b, n) - offset
+    dead = start > end
+    pos = torch.arange(n, device=start.device)
+    trailing = (dead.long().cummax(dim=1).values.bool() == dead).all()
+    if bool(trailing) and bool(((start == 0) & (end == pos) | dead).all()):
+        return True, None, dead.reshape(-1)
+    mask = (pos[None, None, :] >= start[:, :, None]) & (pos[None, None, :] <= end[:, :, None])
+    mask |= dead[:, :, None] & torch.eye(n, dtype=torch.bool, device=start.device)
+    return False, mask[:, None], dead.reshape(-1)

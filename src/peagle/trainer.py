@@ -253,7 +253,8 @@ class PEagleTrainer(nn.Module):
             return FlexCODAttention(lay.anchor, lay.depth, lay.docs)
         if mode == "dense":
             return DenseCODAttention(lay.anchor, lay.depth, lay.docs)
-        return CODAttention(lay.key_start, lay.anchor, lay.chain, num_context=lay.docs.numel())
+        return CODAttention(lay.key_start, lay.anchor, lay.chain, num_context=lay.docs.numel(),
+                            stream_shape=(lay.docs.numel() // lay.n, lay.n))
 
     def _assemble(self, lay: _Layout, elements: Tensor | None, stream: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids, projected hidden and positions: the depth-0 stream and/or deep elements."""
@@ -329,7 +330,7 @@ class PEagleTrainer(nn.Module):
         record: dict = {}
         ids, hidden, positions = self._assemble(lay, None, stream=True)
         attn = CODAttention(lay.key_start[:n_stream], lay.anchor[:n_stream], lay.chain[:n_stream, :0],
-                            num_context=n_stream, record=record)
+                            num_context=n_stream, record=record, stream_shape=(n_stream // lay.n, lay.n))
         return self.draft(ids, hidden, positions, attn), record
 
     def _segment_forward(self, plan: Plan, i: int, normalizer) -> StepOutput:
