@@ -52,10 +52,10 @@ class TargetSettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     max_new_tokens: int = 64
 
