@@ -44,17 +44,13 @@ __all__ = [
     "restore_rng",
 ]
 
-try:  # a shared project error type, when the package provides one
-    from peagle.errors import PeagleError as _Base  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on which modules have landed
-    _Base = ValueError  # type: ignore[misc,assignment]
 
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(_Base):  # type: ignore[valid-type,misc]
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, truncated, corrupt, incompatible)."""
 
 

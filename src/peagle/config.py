@@ -43,13 +43,9 @@ __all__ = [
 ]
 
 
-try:  # a shared project error type, when the package provides one
-    from peagle.errors import PeagleError as _Base  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on which modules have landed
-    _Base = ValueError  # type: ignore[misc,assignment]
 
 
-class ConfigError(_Base):  # type: ignore[valid-type,misc]
+class ConfigError(ValueError):
     """A user error in a config file or a command-line override (one line, no traceback)."""
 
 
