@@ -41,7 +41,12 @@ _FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class TargetSettings:
-    """Everything that determines the trained target (hashed into the cache marker)."""
+    """Everything that determines the trained target (hashed into the cache marker).
+
+    Defaults (seed 0): 0.99M-parameter Llama (4 layers, hidden 128), 1600 steps x 32 chats;
+    measured 93.5% held-out exact match (2000 steps: 95%). ~80 ms/step on 2 idle cores (~2 min),
+    longer when the cores are shared.
+    """
 
     seed: int = 0
     num_train: int = 20000
@@ -52,7 +57,7 @@ class TargetSettings:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    steps: int = 2000
+    steps: int = 1600
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
