@@ -26,6 +26,7 @@ from peagle.evaluate import (
     load_prompts,
     scalar_metrics,
     simulate_rounds,
+    tokenize_prompts,
 )
 from peagle.mask import DenseCODAttention
 from peagle.target import Target
@@ -158,6 +159,16 @@ def test_load_prompts_errors(tmp_path):
     bad.write_text('{"question": "hi"}\n')
     with pytest.raises(EvalError, match=r"p.jsonl:1"):
         load_prompts(bad)
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, "x"]}\n')
+    with pytest.raises(EvalError, match=r"p.jsonl:2: 'input_ids' must be a non-empty list of token ids"):
+        load_prompts(bad)
+
+
+def test_token_id_prompts(chat_tokenizer):
+    ids = chat_tokenizer("hello there")["input_ids"]
+    assert tokenize_prompts(chat_tokenizer, [{"input_ids": ids}]) == [ids]
+    with pytest.raises(EvalError, match=r"prompt 0: 'input_ids' holds ids outside the tokenizer's vocabulary"):
+        tokenize_prompts(chat_tokenizer, [{"input_ids": [len(chat_tokenizer)]}])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -103,6 +103,29 @@ def _config(tmp: Path, dataset: Path, target: Path, out: str, **sections: dict[s
     return path
 
 
+def test_heldout_prompts_are_the_chat_prompts(llama_dir: Path, llama_data: Path, tmp_path: Path) -> None:
+    """Without eval.prompts, AL prompts are validation examples cut before their first answer token:
+    the same ids the chat template gives the example's first user turn with the generation prompt."""
+    from transformers import AutoTokenizer
+
+    from peagle.data import load_prepared
+    from peagle.evaluate import tokenize_prompts
+    from peagle.train import _Data
+
+    cfg = load_config(_config(tmp_path, llama_data, llama_dir, "run", data={"val_fraction": 0.2}))
+    data = _Data(cfg, load_prepared(llama_data), rows_per_step=1)
+    got = data.heldout_prompts(3)
+    assert len(got) == 3
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    for rec, i in zip(got, data.val_ids, strict=False):
+        chat = CHATS[i % len(CHATS)]
+        first_answer = next(j for j, m in enumerate(chat) if m["role"] == "assistant")
+        want = tokenize_prompts(tok, [{"messages": chat[:first_answer]}])[0]
+        assert rec["input_ids"] == want
+        assert tokenize_prompts(tok, [{"input_ids": rec["input_ids"]}])[0] == want  # used as is
+    assert len(data.heldout_prompts(100)) == len(data.val_ids)  # every validation example has a prompt
+
+
 def test_lr_schedule() -> None:
     f = [lr_factor(s, 10, 2, 0.1) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
@@ -119,7 +142,9 @@ def test_prepare_train_export_load(
     data = _prepare(target, chats, tmp_path / "prep")
     choice = json.loads((data / "draft_vocab.json").read_text())
     assert choice["draft_vocab_size"] == 128 and choice["coverage"] > 0.9
-    extra = {"eval": {"prompts": str(prompts), "max_new_tokens": 6}} if kind == "llama" else {}
+    # llama: AL on a prompt file; qwen3: no eval.prompts → AL on the prompts of validation examples
+    extra = {"eval": {"prompts": str(prompts), "max_new_tokens": 6}} if kind == "llama" else {
+        "eval": {"num_prompts": 2, "max_new_tokens": 6}}
     cfg = _config(
         tmp_path,
         data,
@@ -137,8 +162,7 @@ def test_prepare_train_export_load(
     assert [r["step"] for r in train_recs] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 and "acc_2" in r for r in train_recs)
     assert [r["step"] for r in val_recs] == [2, 3]
-    if kind == "llama":
-        assert val_recs[-1]["acceptance_length"] >= 1.0 and "al_k1" in val_recs[-1]
+    assert val_recs[-1]["acceptance_length"] >= 1.0 and "al_k1" in val_recs[-1]
     assert any((out / "tensorboard").iterdir())
     assert sorted(p.name for p in out.glob("step-*")) == ["step-00000002", "step-00000003"]
 

@@ -136,7 +136,7 @@ class EvalConfig:
     """Acceptance-length evaluation during training (``peagle.evaluate``)."""
 
     enabled: bool = _f(True, help="measure acceptance length at each validation")
-    prompts: str | None = _f(None, help="JSONL prompts for acceptance length; null = no AL evaluation")
+    prompts: str | None = _f(None, help="JSONL prompts for AL; null = the prompts of validation examples")
     num_prompts: int = _f(8, ge=1)
     max_new_tokens: int = _f(64, ge=1)
 

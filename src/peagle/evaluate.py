@@ -188,8 +188,12 @@ def _check_record(obj: Any, where: str) -> dict[str, Any]:
         return {"prompt": obj, "_where": where}
     if hasattr(obj, "messages") and not isinstance(obj, Mapping):  # a peagle.data.Record
         return {"messages": obj.messages, "tools": getattr(obj, "tools", None), "_where": where}
-    if not isinstance(obj, Mapping) or not any(k in obj for k in ("prompt", "text", "messages", "conversations")):
-        raise EvalError(f"{where}: expected an object with 'prompt', 'text', 'messages' or 'conversations'")
+    keys = ("prompt", "text", "messages", "conversations", "input_ids")
+    if not isinstance(obj, Mapping) or not any(k in obj for k in keys):
+        raise EvalError(f"{where}: expected an object with one of {', '.join(repr(k) for k in keys)}")
+    ids = obj.get("input_ids")
+    if ids is not None and (not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids)):
+        raise EvalError(f"{where}: 'input_ids' must be a non-empty list of token ids")
     return {**obj, "_where": where}
 
 
@@ -219,7 +223,8 @@ def tokenize_prompts(
       generation prompt; trailing assistant turns are dropped (a training record can be used as is);
     - ``{"prompt": "..."}`` or a bare string: one user message through the chat template (raw text
       when the tokenizer has no template); ``{"prompt": [messages]}`` is a chat;
-    - ``{"text": "..."}``: raw text, tokenized with the tokenizer's special tokens (no template).
+    - ``{"text": "..."}``: raw text, tokenized with the tokenizer's special tokens (no template);
+    - ``{"input_ids": [...]}``: already tokenized (e.g. the prompt of a prepared held-out example), used as is.
     """
     from .data import resolve_chat_template
 
@@ -231,6 +236,12 @@ def tokenize_prompts(
         if not (isinstance(rec, Mapping) and "_where" in rec):
             rec = _check_record(rec, f"prompt {i}")
         where = rec["_where"]
+        if "input_ids" in rec:
+            vocab = len(tokenizer)
+            if any(not 0 <= t < vocab for t in rec["input_ids"]):
+                raise EvalError(f"{where}: 'input_ids' holds ids outside the tokenizer's vocabulary (0..{vocab - 1})")
+            out.append(list(rec["input_ids"]))
+            continue
         is_chat = "messages" in rec or "conversations" in rec
         if not is_chat and "prompt" not in rec:  # {"text": ...}
             out.append(list(tokenizer(str(rec["text"]), add_special_tokens=True)["input_ids"]))

@@ -189,6 +189,21 @@ class _Data:
             else []
         )
 
+    def heldout_prompts(self, n: int) -> list[dict[str, Any]]:
+        """Prompts of the first ``n`` validation examples: their tokens before the first supervised one.
+
+        The acceptance-length prompts when ``eval.prompts`` is not given (the target writes the answer).
+        """
+        out = []
+        for i in self.val_ids:
+            ex = self.prepared[i]
+            first = next((j for j, m in enumerate(ex["loss_mask"]) if m), 0)
+            if first > 0:
+                out.append({"input_ids": list(ex["input_ids"][:first]), "_where": f"validation example {i}"})
+            if len(out) == n:
+                break
+        return out
+
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """Packed rows (global example indices) of ``epoch``: a deterministic function of (seed, epoch)."""
         rows = self._epoch_cache.get(epoch)
@@ -636,7 +651,8 @@ def _run(
     t_cfg, m_cfg = cfg.train, cfg.model
     rows_per_step = d.world * t_cfg.grad_accum * t_cfg.micro_batch_size
     data = _Data(cfg, prepared, rows_per_step)
-    want_al = cfg.eval.enabled and cfg.eval.prompts is not None
+    al_prompts = cfg.eval.prompts or data.heldout_prompts(cfg.eval.num_prompts)
+    want_al = cfg.eval.enabled and bool(al_prompts)
     vocab, mask, cache = pre
     target, draft, source = _build(cfg, d, vocab, mask, cache, need_target_on_device=want_al)
     head = target.head(vocab.t2d)
@@ -748,7 +764,7 @@ def _run(
 
             if cs is None:
                 cs = ContinuationSet.prepare(
-                    target, cfg.eval.prompts, cfg.eval.max_new_tokens, limit=cfg.eval.num_prompts, progress=False
+                    target, al_prompts, cfg.eval.max_new_tokens, limit=cfg.eval.num_prompts, progress=False
                 )
             acc = acceptance_on(draft, cs, m_cfg.num_depths)
             rec["acceptance_length"] = float(acc["acceptance_length"])
