@@ -43,8 +43,6 @@ __all__ = [
 ]
 
 
-
-
 class ConfigError(ValueError):
     """A user error in a config file or a command-line override (one line, no traceback)."""
 

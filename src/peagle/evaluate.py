@@ -61,6 +61,7 @@ __all__ = [
     "draft_token_tables",
     "evaluate",
     "format_report",
+    "greedy_generate",
     "leading_matches",
     "literal_speculative_decode",
     "load_draft",
@@ -302,11 +303,15 @@ def _context_length(target: Any, draft: PEagleDraft | None) -> int:
 
 
 @torch.no_grad()
-def _generate(
-    target: Any, prompt_ids: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int,
-    batch_size: int, progress: bool,
+def greedy_generate(
+    model: Any, prompt_ids: Sequence[Sequence[int]], budgets: Sequence[int], stop_ids: Sequence[int], pad_id: int,
+    batch_size: int = 8, progress: bool = False,
 ) -> list[tuple[list[int], str]]:
-    """Greedy continuations with HF generate (KV cache, left-padded batches of equal budget)."""
+    """Greedy continuations of token-id prompts with HF generate (KV cache, left-padded batches).
+
+    Prompts of equal budget (max new tokens) are batched, shortest first (least padding). Returns,
+    per prompt in input order, (continuation ids up to and including the first stop id, "eos" | "length").
+    """
     from transformers import GenerationConfig
 
     order = sorted(range(len(prompt_ids)), key=lambda i: (budgets[i], len(prompt_ids[i])))
@@ -318,8 +323,7 @@ def _generate(
             batches.append([i])
     stop = set(stop_ids)
     out: list[tuple[list[int], str]] = [([], "")] * len(prompt_ids)
-    model = target.model
-    device = target.device
+    device = model.device
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         width = max(len(prompt_ids[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -453,7 +457,7 @@ class ContinuationSet:
             reasons_ctx.append(budgets[-1] < max_new_tokens)
         stops = stop_token_ids(target, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-        gens = _generate(target, prompt_ids, budgets, stops, pad, batch_size, progress)
+        gens = greedy_generate(target.model, prompt_ids, budgets, stops, pad, batch_size, progress)
         continuations = [c for c, _ in gens]
         reasons = [("context" if cut and r == "length" else r)
                    for (_, r), cut in zip(gens, reasons_ctx, strict=True)]

@@ -651,8 +651,8 @@ def _run(
     t_cfg, m_cfg = cfg.train, cfg.model
     rows_per_step = d.world * t_cfg.grad_accum * t_cfg.micro_batch_size
     data = _Data(cfg, prepared, rows_per_step)
-    al_prompts = cfg.eval.prompts or data.heldout_prompts(cfg.eval.num_prompts)
-    want_al = cfg.eval.enabled and bool(al_prompts)
+    al_prompts = (cfg.eval.prompts or data.heldout_prompts(cfg.eval.num_prompts)) if cfg.eval.enabled else None
+    want_al = bool(al_prompts)
     vocab, mask, cache = pre
     target, draft, source = _build(cfg, d, vocab, mask, cache, need_target_on_device=want_al)
     head = target.head(vocab.t2d)

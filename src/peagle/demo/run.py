@@ -176,22 +176,11 @@ def _regenerate(
     target_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool
 ) -> list[str]:
     """The target's greedy answers to ``prompts`` (HF generate, KV cache, batched), with a progress bar."""
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    bar = tqdm(total=len(prompts), desc="regenerate", unit="chat", disable=not progress, dynamic_ncols=True)
-    # shortest prompts together: less padding; the order is restored below
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    by_index: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        got = generate_answers(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, batch_size)
-        by_index.update(zip(idx, got, strict=True))
-        bar.update(len(idx))
-    bar.close()
-    return [by_index[i] for i in range(len(prompts))]
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
 
 
 def _al_table(ev: Any) -> str:
@@ -263,7 +252,7 @@ def run_demo(
     from peagle.evaluate import evaluate, load_draft
     from peagle.export import export_checkpoint
     from peagle.target import Target
-    from peagle.train import train
+    from peagle.train import METRICS_FILE, train
 
     t_start = time.perf_counter()
     s = settings or (QUICK if quick else FULL)
@@ -338,7 +327,7 @@ def run_demo(
     result = stages.run("train", lambda: train(cfg))
     if result.interrupted:
         raise DemoError(f"training was interrupted at step {result.step}")
-    train_log, val_log = _read_metrics(run_dir / "metrics.jsonl")
+    train_log, val_log = _read_metrics(run_dir / METRICS_FILE)
 
     # 3c. eval ------------------------------------------------------------------------------
     def do_eval() -> Any:

@@ -120,6 +120,8 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
     """
     from tqdm.auto import tqdm
 
+    from peagle.train import lr_factor
+
     gen = torch.Generator().manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
@@ -129,13 +131,8 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
         betas=(0.9, 0.95),
     )
 
-    def lr_at(step: int) -> float:
-        if step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
-        t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, settings.steps, settings.warmup_steps, min_lr_ratio=0.05))
     model.train()
     ema = float("nan")
     bar = tqdm(range(settings.steps), desc="target", unit="step", disable=not progress, dynamic_ncols=True)
@@ -163,43 +160,19 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
     return ema
 
 
-@torch.no_grad()
 def generate_answers(
-    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 64
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 64, progress: bool = False
 ) -> list[str]:
-    """Greedy answers to single-turn user prompts (HF generate, KV cache, batched, left padding).
+    """Greedy answers to single-turn user prompts, through the chat template (``peagle.evaluate``'s
+    batched HF generate). Generation stops at the model's eos ids (``<|end|>``), not part of the text."""
+    from peagle.evaluate import greedy_generate, tokenize_prompts
 
-    Generation stops at ``<|end|>`` / eos (the model's generation config); the stop token is not
-    part of the returned text.
-    """
     end_ids = model.generation_config.eos_token_id
     end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in chunk
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=end_ids,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            for row in out[:, enc["input_ids"].shape[1] :].tolist():
-                cut = next((j for j, t in enumerate(row) if t in end_ids), len(row))
-                answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return answers
+    ids = tokenize_prompts(tokenizer, prompts)
+    gens = greedy_generate(model, ids, [max_new_tokens] * len(ids), end_ids, tokenizer.pad_token_id, batch_size,
+                           progress)
+    return [tokenizer.decode(c[:-1] if why == "eos" else c, skip_special_tokens=True) for c, why in gens]
 
 
 def target_accuracy(
