@@ -65,7 +65,7 @@ def chat_tokenizer(chat_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, chat_tokenizer):
-    """Tiny random Llama target (6 layers → aux ids (2, 3, 3)), tokenizer saved alongside."""
+    """Tiny random Llama target (6 layers → aux ids (1, 3, 5)), tokenizer saved alongside."""
     return tiny_target("llama", chat_tokenizer, tmp_path_factory.mktemp("llama"), num_layers=6)
 
 

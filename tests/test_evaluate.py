@@ -21,6 +21,7 @@ from peagle.evaluate import (
     cli_main,
     draft_token_tables,
     evaluate,
+    greedy_generate,
     leading_matches,
     literal_speculative_decode,
     load_prompts,
@@ -51,7 +52,7 @@ def target(llama_dir):
 
 @pytest.fixture(scope="module")
 def cset(target):
-    return ContinuationSet.prepare(target, PROMPTS, NEW_TOKENS, batch_size=2, progress=False)
+    return ContinuationSet.prepare(target, PROMPTS, NEW_TOKENS, batch_size=2, lookahead=K_MAX - 1, progress=False)
 
 
 def _new_draft(target, seed=0, **overrides):
@@ -61,20 +62,22 @@ def _new_draft(target, seed=0, **overrides):
     return PEagleDraft(cfg)
 
 
-def _flat(cs):
+def _flat(cs, pad=0):
+    """Shifted elements of every prompt as one document each, plus `pad` dummy elements at each end
+    (causal attention keeps them invisible to real elements; they give the last anchors all depths)."""
     ids, aux, docs = [], [], []
     for j in range(len(cs)):
         seq = cs.sequence(j)
         n = len(seq) - 1
-        ids.append(torch.tensor(seq[1:]))
-        aux.append(cs.aux[j][:n])
-        docs.append(torch.full((n,), j))
+        ids.append(torch.tensor(seq[1:] + [0] * pad))
+        aux.append(torch.cat([cs.aux[j][:n], torch.zeros(pad, cs.aux[j].shape[1])]))
+        docs.append(torch.full((n + pad,), j))
     return torch.cat(ids), torch.cat(aux).float(), torch.cat(docs)
 
 
-def _dense_forward(draft, cs, k):
+def _dense_forward(draft, cs, k, pad=0):
     """Reference: ONE flat forward over every (anchor, depth) with the dense COD mask."""
-    ids, aux, docs = _flat(cs)
+    ids, aux, docs = _flat(cs, pad)
     anchor, depth = full_cod(docs, k)
     pos = torch.arange(ids.numel()) - document_starts(docs)
     hidden = torch.where((depth == 0)[:, None], draft.project_aux(aux[anchor]), draft.projected_mask_hidden()[None])
@@ -203,23 +206,26 @@ def test_one_pass_equals_dense_cod_forward(draft, cset):
     """Depth-0 stream once + chunked chains == one flat forward with the dense COD mask."""
     tables = draft_token_tables(draft, cset, K_MAX)
     with torch.no_grad():
-        ids, docs, anchor, depth, h = _dense_forward(draft, cset, K_MAX)
+        ids, docs, anchor, depth, h = _dense_forward(draft, cset, K_MAX, pad=K_MAX - 1)
         pred = draft.draft_to_target(draft.logits(h).argmax(-1))
     offset = 0
-    checked = 0
+    checked = past_end = 0
     for j in range(len(cset)):
         table = tables[j]
         n = table.shape[0]
         p = len(cset.prompt_ids[j])
         for e in torch.nonzero(docs[anchor] == j).squeeze(1).tolist():
             a, d = int(anchor[e]) - offset, int(depth[e])
-            if a >= p - 1 and a + d <= n - 2:  # every entry a round can read
+            if a >= n:  # a dummy element of the reference
+                continue
+            if p - 1 <= a <= n - 2:  # every anchor a round can visit, every depth (vLLM counts past the end)
                 assert int(table[a, d]) == int(pred[e])
                 checked += 1
+                past_end += a + d > n - 2
             else:
                 assert int(table[a, d]) == -1
-        offset += n
-    assert checked > 20
+        offset += n + K_MAX - 1
+    assert checked > 20 and past_end >= len(cset) * (K_MAX - 1)
     # chunking (one anchor per chunk, one prompt per group) changes nothing
     small = draft_token_tables(draft, cset, K_MAX, max_positions=1, chunk_elements=1)
     assert all(torch.equal(a, b) for a, b in zip(tables, small, strict=True))
@@ -351,3 +357,42 @@ def test_cli(draft, llama_dir, tmp_path, capsys):
                    "--device", "cpu", "--no-progress"])
     assert rc == 1
     assert "neither an exported draft" in capsys.readouterr().err
+
+
+def test_lookahead_is_the_targets_greedy_past_the_end(cset, target):
+    """lookahead[j] = the target's next K−1 greedy tokens after the output, even after a stop token
+    (what vLLM's verifier compares the last round's drafts with), computed here without a KV cache."""
+    def greedy_after(tokens, n):
+        out = []
+        for _ in range(n):
+            with torch.no_grad():
+                out.append(int(target.model(input_ids=torch.tensor([tokens + out])).logits[0, -1].argmax()))
+        return out
+
+    assert all(r == "length" for r in cset.stop_reasons)  # the random target never says <|end|> here
+    for j in range(len(cset)):
+        assert cset.lookahead[j] == greedy_after(cset.sequence(j), K_MAX - 1)
+    # a stop id that occurs mid-continuation: the output ends there, the lookahead goes on past it
+    cont = cset.continuations[0]
+    stop = cont[2]
+    gen = greedy_generate(target.model, [cset.prompt_ids[0], cset.prompt_ids[1]], [NEW_TOKENS] * 2, [stop], 0,
+                          lookahead=K_MAX - 1)[0]
+    assert gen.stop_reason == "eos" and gen.tokens == cont[: cont.index(stop) + 1]
+    assert gen.lookahead == greedy_after(cset.prompt_ids[0] + gen.tokens, K_MAX - 1)
+
+
+def test_vllm_counts_and_useful_counts(draft, cset):
+    """Default rounds count drafts accepted past the end; useful rounds stop there; same rounds either way."""
+    tables = draft_token_tables(draft, cset, K_MAX)
+    served = _rounds_by_k(cset, tables, K_MAX)
+    useful = _rounds_by_k(cset, tables, K_MAX, useful=True)
+    for j in range(len(cset)):
+        t = len(cset.sequence(j))
+        for k in range(1, K_MAX + 1):
+            assert len(served[j][k]) == len(useful[j][k])
+            a = len(cset.prompt_ids[j]) - 1
+            for mv, mu in zip(served[j][k], useful[j][k], strict=True):
+                assert mu == min(mv, t - a - 2)  # the same round, capped at the tokens left in the output
+                a += mv + 1
+    with pytest.raises(EvalError, match="lookahead"):
+        _rounds_by_k(cset.head(1).__class__(**{**cset.head(1).__dict__, "lookahead": [[]]}), tables[:1], K_MAX)

@@ -83,7 +83,7 @@ def test_aux_and_final_match_hf(target, examples):
 
 def test_eager_attention_and_custom_layers(llama_dir, examples):
     t = Target(llama_dir, device="cpu", attn_implementation="eager", aux_layer_ids=(1, 6, 0))
-    assert t.aux_layer_ids == (1, 6, 0)
+    assert t.aux_layer_ids == (0, 1, 6)  # increasing order, as vLLM feeds them
     rows, p = _packed(examples)
     aux, final = t.hidden_states(p.input_ids, p.document_ids)
     b = next(i for i, r in enumerate(rows) if len(r) > 1)
@@ -92,9 +92,27 @@ def test_eager_attention_and_custom_layers(llama_dir, examples):
     a1, f1 = t.hidden_states(x)
     sel = p.document_ids[b] == 1
     torch.testing.assert_close(aux[b, sel], a1, atol=1e-5, rtol=0)
-    torch.testing.assert_close(aux[b, sel][:, 64:128], final[b, sel])  # id L = input of the final norm
+    torch.testing.assert_close(aux[b, sel][:, 128:192], final[b, sel])  # id L = input of the final norm
     with pytest.raises(TargetError, match="out of range"):
         Target(llama_dir, device="cpu", aux_layer_ids=(2, 3, 7))
+    with pytest.raises(TargetError, match="repeat a layer"):
+        Target(llama_dir, device="cpu", aux_layer_ids=(2, 3, 3))
+
+
+def test_default_aux_layer_ids_are_distinct_for_every_depth():
+    """vLLM's (2, L//2, L−3) where it is valid; for small targets distinct ids inside 0..L (hand-listed)."""
+    assert default_aux_layer_ids(32) == (2, 16, 29) and default_aux_layer_ids(8) == (2, 4, 5)
+    assert default_aux_layer_ids(7) == (2, 3, 4)
+    assert default_aux_layer_ids(6) == (1, 3, 5)  # (2, 3, 3) would collapse in vLLM
+    assert default_aux_layer_ids(5) == (1, 2, 4)
+    assert default_aux_layer_ids(4) == (1, 2, 3)  # the demo target: (2, 2, 1) would crash vLLM
+    assert default_aux_layer_ids(3) == (0, 1, 2)
+    assert default_aux_layer_ids(2) == (0, 1, 2)
+    for n in range(2, 80):
+        ids = default_aux_layer_ids(n)
+        assert len(set(ids)) == 3 and list(ids) == sorted(ids) and 0 <= ids[0] and ids[-1] <= n
+    with pytest.raises(TargetError):
+        default_aux_layer_ids(1)
 
 
 def test_block_causal_mask():

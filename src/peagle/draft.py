@@ -38,6 +38,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .target import default_aux_layer_ids
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Version of the speculators checkpoint format we write (the format of speculators 0.9.0's P-EAGLE
@@ -156,12 +158,14 @@ class DraftConfig:
         if self.rms_norm_eps <= 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.aux_layer_ids is not None:
-            self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
-            if len(self.aux_layer_ids) != self.num_aux_layers:
-                raise ValueError(
-                    f"aux_layer_ids {self.aux_layer_ids} must have "
-                    f"num_aux_layers={self.num_aux_layers} entries"
-                )
+            ids = [int(i) for i in self.aux_layer_ids]
+            if len(ids) != self.num_aux_layers:
+                raise ValueError(f"aux_layer_ids {ids} must have num_aux_layers={self.num_aux_layers} entries")
+            if len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ValueError(f"aux_layer_ids {ids} must be distinct non-negative layer ids (vLLM collapses "
+                                 "repeats and the fc would get fewer inputs than it was trained on)")
+            # vLLM feeds aux states in increasing layer order whatever the config lists; so do we.
+            self.aux_layer_ids = sorted(ids)
         elif self.num_aux_layers != 3:
             # The checkpoint records the aux count only through eagle_aux_hidden_state_layer_ids.
             raise ValueError("num_aux_layers != 3 requires explicit aux_layer_ids")
@@ -343,7 +347,7 @@ class DraftConfig:
             max_position_embeddings=target_config.max_position_embeddings,
             rope_parameters=rope,
             target_hidden_size=hidden,
-            aux_layer_ids=[2, num_layers // 2, num_layers - 3],
+            aux_layer_ids=list(default_aux_layer_ids(num_layers)),
             verifier_name_or_path=name_or_path,
             verifier_architectures=architectures,
         )
@@ -662,6 +666,11 @@ class PEagleDraft(nn.Module):
 
     # -- checkpoint I/O ----------------------------------------------------------------------------
 
+    def _omitted_keys(self) -> tuple[str, ...]:
+        """Keys a full-vocabulary checkpoint leaves out: vLLM creates its ``draft_id_to_target_id`` only
+        for a reduced draft vocabulary and refuses a file that carries ``d2t`` otherwise."""
+        return ("d2t", "t2d") if self.config.draft_vocab_size == self.config.vocab_size else ()
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors (speculators format) atomically.
 
@@ -670,7 +679,8 @@ class PEagleDraft(nn.Module):
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
+                 if k not in self._omitted_keys()}
         dtype = str(self.fc.weight.dtype).removeprefix("torch.")
         tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
         tmp.mkdir()  # (not tempfile.mkdtemp: its 0700 mode would survive the rename)
@@ -716,9 +726,10 @@ class PEagleDraft(nn.Module):
         config = DraftConfig.from_speculators_config(raw)
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
         with safe_open(str(weights_path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+        omitted = [k for k in model._omitted_keys() if k not in state]  # (older exports carry them)
+        expected = {k: v for k, v in model.state_dict().items() if k not in omitted}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -733,7 +744,10 @@ class PEagleDraft(nn.Module):
                 not ref.is_floating_point() and got.dtype != ref.dtype
             ):
                 raise ValueError(f"{weights_path}: {key} has dtype {got.dtype}, expected {ref.dtype}")
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state, strict=not omitted, assign=True)
+        if omitted:  # identity vocabulary mapping: rebuild the buffers off meta
+            model.d2t = nn.Buffer(torch.zeros(config.draft_vocab_size, dtype=torch.long, device=device))
+            model.t2d = nn.Buffer(torch.ones(config.vocab_size, dtype=torch.bool, device=device))
         model.rotary_emb.to(device)  # recomputes inv_freq (it was built on meta)
         return model
 

@@ -18,10 +18,10 @@ End of generation (the convention both the one-pass simulation and `literal_spec
 use): generation stops at a stop token (EOS / generation_config eos ids, kept in the output) or
 after the per-prompt token budget. A round is proposed whenever the request is still running after
 its bonus token, i.e. while a + 2 ≤ T − 1, even when fewer than K tokens remain (vLLM proposes and
-counts those drafts too). Accepted tokens are counted only up to the end of the output: a round
-compares depths d with a + d + 2 ≤ T − 1, so m ≤ T − a − 2. (vLLM's counters may also count draft
-tokens that agree with the target past the stop point, which are then discarded; an offline run
-cannot know the target's tokens there, so the last round can read up to K − 1 lower.)
+counts those drafts too). What counts as accepted (docs/evaluation.md): vLLM's counters include the
+last round's drafts that agree with the target past the stop token or past max_tokens (then cut
+from the output), so by default every depth is compared with the target's greedy tokens extended
+K − 1 tokens past each end (`ContinuationSet.lookahead`); the "useful" figure stops at the end.
 
 Metrics follow vLLM (reference §4): num_drafts (rounds), AL = 1 + accepted / drafts, cumulative
 per-position rates (rate[i] = fraction of drafts with ≥ i + 1 accepted), draft acceptance rate =
@@ -40,14 +40,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
-from .cod import chain_table, document_starts, full_cod
+from .cod import chain_table, document_starts
 from .draft import PEagleDraft
 from .mask import CODAttention
 
@@ -61,6 +62,7 @@ __all__ = [
     "draft_token_tables",
     "evaluate",
     "format_report",
+    "Generation",
     "greedy_generate",
     "leading_matches",
     "literal_speculative_decode",
@@ -74,8 +76,12 @@ __all__ = [
 ]
 
 END_CONVENTION = (
-    "rounds while the request runs after its bonus token (a+2 <= T-1); accepted tokens counted "
-    "up to the end of the output (stop token included, nothing past it)"
+    "vLLM's counters: rounds while the request runs after its bonus token (a+2 <= T-1); in the last round "
+    "every draft token the verifier accepts counts, also past the stop token or max_tokens"
+)
+USEFUL_CONVENTION = (
+    "accepted tokens counted only up to the end of the output (stop token included, nothing past it): "
+    "the tokens speculative decoding actually saved"
 )
 
 
@@ -302,17 +308,44 @@ def _context_length(target: Any, draft: PEagleDraft | None) -> int:
     return ctx
 
 
+class Generation(NamedTuple):
+    """One greedy continuation: its tokens (up to and including the first stop id), why it ended
+    ("eos" | "length") and the target's next greedy tokens past that end (`lookahead`, stop ids ignored)."""
+
+    tokens: list[int]
+    stop_reason: str
+    lookahead: list[int]
+
+
+class _StopAfterLookahead(StoppingCriteria):
+    """Per row: done once `lookahead` tokens follow the first stop id (or budget + lookahead tokens)."""
+
+    def __init__(self, width: int, budget: int, lookahead: int, stop_ids: Sequence[int]):
+        self.width, self.budget, self.lookahead = width, budget, lookahead
+        self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        new = input_ids[:, self.width:]
+        n = new.shape[1]
+        hit = torch.isin(new, self.stop.to(new.device))
+        first = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), torch.full_like(new[:, 0], self.budget - 1))
+        end = torch.minimum(first, torch.full_like(first, self.budget - 1))
+        return (n >= end + 1 + self.lookahead) | (n >= self.budget + self.lookahead)
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Any, prompt_ids: Sequence[Sequence[int]], budgets: Sequence[int], stop_ids: Sequence[int], pad_id: int,
-    batch_size: int = 8, progress: bool = False,
-) -> list[tuple[list[int], str]]:
+    batch_size: int = 8, progress: bool = False, lookahead: int = 0,
+) -> list[Generation]:
     """Greedy continuations of token-id prompts with HF generate (KV cache, left-padded batches).
 
-    Prompts of equal budget (max new tokens) are batched, shortest first (least padding). Returns,
-    per prompt in input order, (continuation ids up to and including the first stop id, "eos" | "length").
+    Prompts of equal budget (max new tokens) are batched, shortest first (least padding). Returns a
+    `Generation` per prompt, in input order. With `lookahead` = n, generation goes on n tokens past each
+    continuation's end, ignoring stop ids: the target's tokens that vLLM's verifier compares the last
+    round's drafts with (docs/evaluation.md, "What vLLM counts").
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     order = sorted(range(len(prompt_ids)), key=lambda i: (budgets[i], len(prompt_ids[i])))
     batches: list[list[int]] = []
@@ -322,8 +355,11 @@ def greedy_generate(
         else:
             batches.append([i])
     stop = set(stop_ids)
-    out: list[tuple[list[int], str]] = [([], "")] * len(prompt_ids)
+    out: list[Generation] = [Generation([], "", [])] * len(prompt_ids)
     device = model.device
+    # With a lookahead no stop id may end generate(): an id outside the vocabulary never comes out of argmax
+    # (None would be replaced by the model's own generation_config eos ids).
+    never = [int(model.get_output_embeddings().weight.shape[0])]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         width = max(len(prompt_ids[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -333,11 +369,15 @@ def greedy_generate(
             ids[r, width - len(p):] = torch.tensor(p)
             att[r, width - len(p):] = 1
         budget = budgets[batch[0]]
+        criteria = None
+        if lookahead:
+            criteria = StoppingCriteriaList([_StopAfterLookahead(width, budget, lookahead, stop_ids)])
         cfg = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=budget, eos_token_id=list(stop_ids) or None,
-            pad_token_id=pad_id,
+            do_sample=False, num_beams=1, max_new_tokens=budget + lookahead,
+            eos_token_id=never if lookahead else (list(stop_ids) or None), pad_token_id=pad_id,
         )
-        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg,
+                             stopping_criteria=criteria)
         new = gen[:, width:].tolist()
         for r, i in enumerate(batch):
             cont, reason = [], "length"
@@ -346,7 +386,7 @@ def greedy_generate(
                 if t in stop:
                     reason = "eos"
                     break
-            out[i] = (cont, reason)
+            out[i] = Generation(cont, reason, [int(t) for t in new[r][len(cont):len(cont) + lookahead]])
     return out
 
 
@@ -386,7 +426,9 @@ class ContinuationSet:
     Scoring a draft on it (`acceptance_on`) needs no target: this is what the training loop keeps
     for its `eval_every` evaluations. aux[j] is [T_j, 3·Ht] (the state at every position of prompt
     + continuation, in the target's dtype, on CPU). stop_reasons: "eos", "length" (token budget)
-    or "context" (the budget was cut so the sequence fits the context window).
+    or "context" (the budget was cut so the sequence fits the context window). lookahead[j]: the
+    target's greedy tokens past the end of continuation j (stop ids ignored; none after "context"),
+    which vLLM's counters compare the last round's drafts with.
     """
 
     prompt_ids: list[list[int]]
@@ -396,6 +438,7 @@ class ContinuationSet:
     aux_layer_ids: tuple[int, ...]
     max_new_tokens: int
     completions: list[str] = field(default_factory=list)
+    lookahead: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -421,6 +464,7 @@ class ContinuationSet:
         batch_size: int = 8,
         aux_batch_tokens: int = 16384,
         limit: int | None = None,
+        lookahead: int = 0,
         progress: bool = True,
     ) -> ContinuationSet:
         """Tokenize prompts, generate greedy continuations, and capture target aux states.
@@ -429,7 +473,8 @@ class ContinuationSet:
         leaves no room in the context (target's max_position_embeddings, or `max_context`) for one
         new token is an error naming its index; a prompt whose budget would run past the context
         generates only up to it (stop reason "context", as vLLM's max_model_len does). `limit`:
-        use only the first `limit` prompts (nothing is generated for the others).
+        use only the first `limit` prompts (nothing is generated for the others). `lookahead`: how
+        many target tokens past each end to keep; vLLM's counters at K need K − 1.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EvalError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -457,20 +502,21 @@ class ContinuationSet:
             reasons_ctx.append(budgets[-1] < max_new_tokens)
         stops = stop_token_ids(target, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-        gens = greedy_generate(target.model, prompt_ids, budgets, stops, pad, batch_size, progress)
-        continuations = [c for c, _ in gens]
-        reasons = [("context" if cut and r == "length" else r)
-                   for (_, r), cut in zip(gens, reasons_ctx, strict=True)]
+        gens = greedy_generate(target.model, prompt_ids, budgets, stops, pad, batch_size, progress, lookahead)
+        continuations = [g.tokens for g in gens]
+        reasons = [("context" if cut and g.stop_reason == "length" else g.stop_reason)
+                   for g, cut in zip(gens, reasons_ctx, strict=True)]
+        ahead = [[] if r == "context" else g.lookahead for g, r in zip(gens, reasons, strict=True)]
         sequences = [p + c for p, c in zip(prompt_ids, continuations, strict=True)]
         aux = _aux_states(target, sequences, aux_batch_tokens, progress)
         completions = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         return cls(prompt_ids, continuations, reasons, aux, tuple(target.aux_layer_ids), max_new_tokens,
-                   completions)
+                   completions, ahead)
 
     def head(self, n: int) -> ContinuationSet:
         """The first `n` prompts (a view sharing the aux tensors)."""
         return ContinuationSet(self.prompt_ids[:n], self.continuations[:n], self.stop_reasons[:n], self.aux[:n],
-                               self.aux_layer_ids, self.max_new_tokens, self.completions[:n])
+                               self.aux_layer_ids, self.max_new_tokens, self.completions[:n], self.lookahead[:n])
 
     def save(self, path: str | Path) -> None:
         """torch.save the set (aux states included) so a second run skips generation."""
@@ -480,14 +526,14 @@ class ContinuationSet:
         torch.save({"prompt_ids": self.prompt_ids, "continuations": self.continuations,
                     "stop_reasons": self.stop_reasons, "aux": self.aux,
                     "aux_layer_ids": list(self.aux_layer_ids), "max_new_tokens": self.max_new_tokens,
-                    "completions": self.completions}, tmp)
+                    "completions": self.completions, "lookahead": self.lookahead}, tmp)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> ContinuationSet:
         d = torch.load(Path(path), map_location="cpu", weights_only=True)
         return cls(d["prompt_ids"], d["continuations"], d["stop_reasons"], d["aux"],
-                   tuple(d["aux_layer_ids"]), d["max_new_tokens"], d.get("completions", []))
+                   tuple(d["aux_layer_ids"]), d["max_new_tokens"], d.get("completions", []), d.get("lookahead", []))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -583,7 +629,7 @@ def _score_group(
         ids_parts.append(torch.tensor(seq[1:], dtype=torch.long))
         aux_parts.append(cs.aux[j][:n])
         doc_parts.append(torch.full((n,), local, dtype=torch.long))
-        # anchors a round can visit: a ≥ P−1, and (a, d) with reference a + d ≤ T−3 = n−2
+        # anchors a round can visit: P−1 ≤ a ≤ T−3 = n−2 (every depth: vLLM counts drafts past the end)
         lo_parts.append(torch.full((n,), off + len(cs.prompt_ids[j]) - 1, dtype=torch.long))
         hi_parts.append(torch.full((n,), off + n - 2, dtype=torch.long))
         off += n
@@ -613,10 +659,10 @@ def _score_group(
     del h0
 
     if k > 1 and rows.numel():
-        anchor, depth = full_cod(docs, k)
-        keep = (depth > 0) & (anchor >= lo[anchor]) & (anchor + depth <= hi[anchor])
-        keep |= depth == 0  # chain_table needs the depth-0 rows only to stay aligned; dropped below
-        anchor, depth = anchor[keep], depth[keep]
+        # every depth of every visited anchor (depth-major blocks, as COD lays them out); the depth-0
+        # rows only keep chain_table aligned and are dropped below (the stream above computed them)
+        anchor = rows.repeat(k)
+        depth = torch.arange(k, device=device).repeat_interleave(rows.numel())
         chains = chain_table(anchor, depth, k)[:, 1:]
         cols = torch.arange(1, k, device=device)
         chains = torch.where(cols[None, :] <= depth[:, None], chains, -1)
@@ -648,22 +694,36 @@ def _score_group(
 # Acceptance of a draft on a prepared set
 
 
-def _rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int) -> list[dict[int, list[int]]]:
-    """Per prompt, {K': accepted count per round} for K' = 1..K."""
+def _rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int, *, useful: bool = False
+                 ) -> list[dict[int, list[int]]]:
+    """Per prompt, {K': accepted count per round} for K' = 1..K.
+
+    Default: vLLM's counters, which compare the last round's drafts with the target's tokens past the end
+    of the output too (`lookahead`); ``useful=True``: accepted tokens counted up to the end of the output.
+    The rounds themselves are the same either way.
+    """
     out = []
     for j, table in enumerate(tables):
         seq = cs.sequence(j)
-        runs = leading_matches(table, seq).tolist()
+        truth = seq
+        if not useful:
+            ahead = cs.lookahead[j] if j < len(cs.lookahead) else []
+            if len(ahead) < k - 1 and cs.stop_reasons[j] != "context":
+                raise EvalError(f"prompt {j}: the prepared set keeps {len(ahead)} target tokens past the end, "
+                                f"vLLM's counters at K={k} need {k - 1} (ContinuationSet.prepare(lookahead=...))")
+            truth = seq + list(ahead)
+        runs = leading_matches(table, truth).tolist()
         out.append({kk: simulate_rounds(runs, len(cs.prompt_ids[j]), len(seq), kk) for kk in range(1, k + 1)})
     return out
 
 
-def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int) -> tuple[dict, dict, list]:
+def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
+               useful: list[dict[int, list[int]]] | None = None) -> tuple[dict, dict, list]:
     by_k = {kk: acceptance_metrics([m for r in rounds for m in r[kk]], kk) for kk in range(1, k + 1)}
     per_prompt = []
     for j, r in enumerate(rounds):
         met = acceptance_metrics(r[k], k)
-        per_prompt.append({
+        row = {
             "index": j,
             "prompt_tokens": len(cs.prompt_ids[j]),
             "generated_tokens": len(cs.continuations[j]),
@@ -672,9 +732,18 @@ def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int) 
             "acceptance_length_by_k": {str(kk): acceptance_metrics(r[kk], kk)["acceptance_length"]
                                        for kk in range(1, k + 1)},
             "accepted_per_round": list(r[k]),
-            **({"completion": cs.completions[j]} if j < len(cs.completions) else {}),
-        })
+        }
+        if useful is not None:
+            row["useful_acceptance_length"] = acceptance_metrics(useful[j][k], k)["acceptance_length"]
+            row["useful_accepted_per_round"] = list(useful[j][k])
+        if j < len(cs.completions):
+            row["completion"] = cs.completions[j]
+        per_prompt.append(row)
     return by_k[k], by_k, per_prompt
+
+
+def _useful_by_k(useful: list[dict[int, list[int]]], k: int) -> dict[int, dict[str, Any]]:
+    return {kk: acceptance_metrics([m for r in useful for m in r[kk]], kk) for kk in range(1, k + 1)}
 
 
 def acceptance_on(
@@ -691,8 +760,10 @@ def acceptance_on(
     tables = draft_token_tables(draft, continuation_set, k, max_positions=max_positions,
                                 chunk_elements=chunk_elements)
     overall, by_k, _ = _summarise(continuation_set, _rounds_by_k(continuation_set, tables, k), k)
+    useful = _useful_by_k(_rounds_by_k(continuation_set, tables, k, useful=True), k)
     return {**overall, "num_speculative_tokens": k,
-            "acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in by_k.items()}}
+            "acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in by_k.items()},
+            "useful_acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in useful.items()}}
 
 
 def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -728,6 +799,7 @@ def literal_speculative_decode(
     *,
     stop_ids: Sequence[int] | None = None,
     return_tokens: bool = False,
+    useful: bool = False,
 ) -> list[int] | tuple[list[int], list[int]]:
     """Greedy speculative decoding, built round by round exactly as vLLM's parallel drafting does.
 
@@ -736,9 +808,9 @@ def literal_speculative_decode(
     at position a, K−1 mask slots (mask token, projected mask_hidden) at positions a+1..a+K−1;
     PLAIN causal attention; the K argmax tokens (mapped through d2t); verification against the
     target's greedy tokens over context + drafts; accept the longest agreeing prefix, append it and
-    the target's bonus token. Stops at a stop token or after `max_new_tokens` new tokens; accepted
-    tokens past the stop point are not counted (the module's end convention). Returns the accepted
-    count per round (and the generated tokens with `return_tokens`).
+    the target's bonus token. Stops at a stop token or after `max_new_tokens` new tokens. Returns the
+    accepted count per round as vLLM counts it (every draft the verifier accepts, also past the stop
+    point; ``useful=True``: only those inside the output), and the generated tokens with `return_tokens`.
     """
     if k < 1 or max_new_tokens < 1:
         raise ValueError("K and max_new_tokens must be >= 1")
@@ -782,7 +854,7 @@ def literal_speculative_decode(
                 if t in stop or len(generated) >= max_new_tokens:
                     done = True
                     break
-            counts.append(min(m, appended))
+            counts.append(min(m, appended) if useful else m)
     finally:
         draft.train(was_training)
     return (counts, generated) if return_tokens else counts
@@ -812,6 +884,8 @@ class EvalResult:
     prompts: list[dict[str, Any]]
     timing: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    useful_by_k: dict[int, dict[str, Any]] = field(default_factory=dict)
+    vllm: dict[str, Any] | None = None  # `peagle eval --engine vllm`: the engine's own counters per K'
 
     @property
     def acceptance_length(self) -> dict[int, float]:
@@ -842,6 +916,12 @@ class EvalResult:
             "generated_tokens": sum(p["generated_tokens"] for p in self.prompts),
             "semantics": "vLLM greedy parallel drafting (temperature 0), exact offline simulation",
             "end_convention": END_CONVENTION,
+            "useful": {
+                "meaning": USEFUL_CONVENTION,
+                "acceptance_length": {str(kk): m["acceptance_length"] for kk, m in self.useful_by_k.items()},
+                "by_k": {str(kk): m for kk, m in self.useful_by_k.items()},
+            },
+            **({"vllm": self.vllm} if self.vllm is not None else {}),
             "timing": self.timing,
         })
 
@@ -856,10 +936,19 @@ def format_report(result: EvalResult, max_prompt_rows: int = 20) -> str:
     n_gen = sum(p["generated_tokens"] for p in result.prompts)
     lines = [f"Acceptance (vLLM greedy parallel drafting, exact offline) — {len(result.prompts)} prompts, "
              f"{n_gen} generated tokens, {result.num_drafts} drafts at K={k}", "",
-             f"{'K':>3}  {'mean AL':>8}  {'draft acc.':>10}  {'drafts':>7}  {'accepted':>8}"]
+             f"{'K':>3}  {'mean AL':>8}  {'useful AL':>9}  {'draft acc.':>10}  {'drafts':>7}  {'accepted':>8}"
+             + ("  | vLLM: drafts  accepted   AL     agree" if result.vllm else "")]
     for kk, m in result.by_k.items():
-        lines.append(f"{kk:>3}  {_fmt(m['acceptance_length']):>8}  {_fmt(m['draft_acceptance_rate']):>10}  "
-                     f"{m['num_drafts']:>7}  {m['num_accepted_tokens']:>8}")
+        useful = result.useful_by_k.get(kk, {}).get("acceptance_length", float("nan"))
+        line = (f"{kk:>3}  {_fmt(m['acceptance_length']):>8}  {_fmt(useful):>9}  "
+                f"{_fmt(m['draft_acceptance_rate']):>10}  {m['num_drafts']:>7}  {m['num_accepted_tokens']:>8}")
+        served = (result.vllm or {}).get("by_k", {}).get(str(kk))
+        if served:
+            line += (f"  |       {served['num_drafts']:>6}  {served['num_accepted_tokens']:>8}  "
+                     f"{_fmt(served['acceptance_length']):>5}  {'yes' if served['agrees'] else 'NO':>5}")
+        lines.append(line)
+    lines.append("mean AL = what vLLM's counters report (drafts accepted past the end of a request count too); "
+                 "useful AL = accepted tokens inside the output only")
     lines += ["", f"per-position acceptance (cumulative) at K={k}:",
               "  " + "  ".join(f"pos{i + 1} {_fmt(r)}" for i, r in enumerate(result.per_position)), ""]
     lines.append(f"{'prompt':>6}  {'prompt tok':>10}  {'new tok':>7}  {'stop':>7}  {'drafts':>6}  {'AL':>6}")
@@ -927,13 +1016,14 @@ def evaluate(
     else:
         cs = ContinuationSet.prepare(target, prompts, max_new_tokens, tokenizer=tokenizer,
                                      chat_template=chat_template, max_context=_context_length(target, draft),
-                                     batch_size=batch_size, progress=progress)
+                                     batch_size=batch_size, lookahead=k - 1, progress=progress)
     timing["generate_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     tables = draft_token_tables(draft, cs, k, progress=progress)
-    overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k)
+    useful = _rounds_by_k(cs, tables, k, useful=True)
+    overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k, useful)
     timing["score_s"] = time.perf_counter() - t1
-    result = EvalResult(k, overall, by_k, per_prompt, timing)
+    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_useful_by_k(useful, k))
     if out_dir is not None:
         result.files.update(write_plots(result, out_dir))
     if json_path is not None:

@@ -1,11 +1,11 @@
 """The frozen target: a Hugging Face causal LM that yields aux states and final hidden states.
 
-Aux states (reference §3.1) are the residual stream ENTERING decoder layers ``aux_layer_ids``
-(default (2, L//2, L−3)), captured with forward pre-hooks on those layers; id L means the input of
-the final norm. The final hidden state is the input of the final norm (pre-norm); the trainer's
-``TargetHead`` applies norm + lm_head rows of the draft vocab. Packed rows run with per-document
-attention (block-diagonal causal) and positions restarting per document, so a document's states
-equal those of the document run alone.
+Aux states (docs/conventions.md) are the residual stream ENTERING decoder layers ``aux_layer_ids``
+(in increasing order; default (2, L//2, L−3) when distinct), captured with forward pre-hooks on
+those layers; id L means the input of the final norm. The final hidden state is the input of the
+final norm (pre-norm); the trainer's ``TargetHead`` applies norm + lm_head rows of the draft vocab.
+Packed rows run with per-document attention (block-diagonal causal) and positions restarting per
+document, so a document's states equal those of the document run alone.
 """
 
 from __future__ import annotations
@@ -24,8 +24,33 @@ class TargetError(ValueError):
 
 
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """(2, L//2, L−3), as vLLM and speculators choose them."""
-    return (2, num_layers // 2, num_layers - 3)
+    """(2, L//2, L−3) as vLLM and speculators choose them, when those are distinct and inside the target;
+    else (1, L//2, L−1) (L ≥ 4) or (0, 1, 2) (L = 2, 3): vLLM collapses repeated ids, so they must differ."""
+    if num_layers < 2:
+        raise TargetError(f"a target with {num_layers} layer(s) has no three distinct aux layers (ids 0..{num_layers})")
+    for ids in ((2, num_layers // 2, num_layers - 3), (1, num_layers // 2, num_layers - 1), (0, 1, 2)):
+        if len(set(ids)) == 3 and all(0 <= i <= num_layers for i in ids):
+            return tuple(sorted(ids))  # type: ignore[return-value]
+    raise AssertionError("unreachable: (0, 1, 2) fits every target with >= 2 layers")
+
+
+def resolve_aux_layer_ids(ids: Sequence[int] | None, num_layers: int) -> tuple[int, ...]:
+    """The aux layer ids a draft uses with a target of ``num_layers`` layers, in increasing order.
+
+    ``None`` gives `default_aux_layer_ids`. Ids must be distinct and within 0..L (id L = the input of
+    the final norm); they are sorted because vLLM always feeds the aux states in increasing layer
+    order, whatever order a config lists (docs/conventions.md, "Aux layers").
+    """
+    if ids is None:
+        return default_aux_layer_ids(num_layers)
+    out = tuple(int(i) for i in ids)
+    if any(not 0 <= i <= num_layers for i in out):
+        raise TargetError(f"aux_layer_ids {list(out)} out of range for a target with {num_layers} layers "
+                          f"(0..{num_layers})")
+    if len(set(out)) != len(out):
+        raise TargetError(f"aux_layer_ids {list(out)} repeat a layer: vLLM collapses repeated ids and then "
+                          "feeds the draft fewer aux states than it was trained on; use distinct ids")
+    return tuple(sorted(out))
 
 
 def _first_line(e: BaseException) -> str:
@@ -138,10 +163,7 @@ class Target:
         self.lm_head = model.get_output_embeddings()
         self.num_layers = len(layers)
         L = self.num_layers
-        ids = tuple(int(i) for i in (aux_layer_ids or default_aux_layer_ids(L)))
-        if any(not 0 <= i <= L for i in ids):
-            raise TargetError(f"aux_layer_ids {ids} out of range for a target with {L} layers (0..{L})")
-        self.aux_layer_ids = ids
+        self.aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, L)
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.dtype = dtype
@@ -149,10 +171,10 @@ class Target:
         self.attn_implementation = getattr(model.config, "_attn_implementation", attn_implementation)
         self._captured: dict[int, Tensor] = {}
         self._hooks = []
-        for i in sorted(set(ids)):
+        for i in self.aux_layer_ids:
             module = norm if i == L else layers[i]
             self._hooks.append(module.register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
-        if L not in ids:
+        if L not in self.aux_layer_ids:
             self._hooks.append(norm.register_forward_pre_hook(self._make_hook(L), with_kwargs=True))
 
     def _make_hook(self, key: int):
