@@ -293,7 +293,7 @@ def test_prepare_writes_dataset_manifest_counts(chat_tokenizer_dir, chat_tokeniz
     assert (s.read, s.kept) == (6, 5) and s.dropped == {NO_ASSISTANT: 1}
     assert s.truncated == 2  # the first and third chats are longer than 40 tokens
     text = s.format_summary()
-    for needle in ("examples read: 6", "examples kept: 5", "no_assistant: 1", "supervised tokens",
+    for needle in ("records read: 6", "examples kept: 5 from 5 records", "no_assistant: 1", "supervised tokens",
                    "length histogram"):
         assert needle in text
 

@@ -69,7 +69,10 @@ def _add_prepare(sub: Any) -> None:
         help="tokenize chat data with the target's chat template",
         description="Tokenize chat data (JSONL/JSON/parquet/datasets dir) with the target's "
         "tokenizer and chat template, choose the draft vocabulary and mask token, and "
-        "optionally cache the target's hidden states for offline training.",
+        "optionally cache the target's hidden states for offline training. Each assistant turn is "
+        "supervised as the model generates it at serving time; a template that rewrites earlier "
+        "turns (Qwen3 drops their reasoning) gives one example per distinct rendering. The output "
+        "directory appears complete or not at all.",
     )
     p.add_argument("inputs", nargs="+", help="chat data files or directories")
     p.add_argument("--target", required=True, help="target model (or tokenizer) directory")
@@ -80,8 +83,25 @@ def _add_prepare(sub: Any) -> None:
         "--drop-long", action="store_true", help="drop examples longer than --max-length (default: truncate)"
     )
     p.add_argument("--limit", type=int, default=None, help="use at most N records")
-    p.add_argument("--split", default=None, help="split and slice, e.g. train, train[:1000], train[:5%%]")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split and slice, e.g. train, train[:1000], train[:5%%], [100:200] (a data file is the 'train' split)",
+    )
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        metavar="JSON",
+        help='extra chat template variables, e.g. \'{"enable_thinking": false}\'',
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("strict", "skip"),
+        default="strict",
+        help="a bad record (malformed JSON, non-UTF-8, non-text content, ...): stop with its file:line "
+        "(strict, default) or skip it, counted by reason in the summary and the manifest",
+    )
     p.add_argument(
         "--draft-vocab-size",
         type=int,
@@ -93,7 +113,7 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--cache-shard-size", type=int, default=1024, help="examples per cache shard")
     p.add_argument("--device", default=None, help="device for --cache (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset previously written by prepare")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -112,29 +132,18 @@ def _target_vocab_size(target: str, trust_remote_code: bool) -> int | None:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .data import DataError, load_prepared, prepare
-    from .train import DRAFT_CHOICE
-    from .vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
 
-    if args.max_length < 2:
-        raise DataError(f"--max-length must be at least 2, got {args.max_length}")
-    if args.limit is not None and args.limit < 1:
-        raise DataError(f"--limit must be >= 1, got {args.limit}")
     if not Path(args.target).exists():
         raise DataError(f"--target {args.target}: no such directory")
-    mask_req: int | str = args.mask_token_id
-    if mask_req != "auto":
+    kwargs = None
+    if args.chat_template_kwargs is not None:
         try:
-            mask_req = int(mask_req)
-        except ValueError:
-            raise DataError(f"--mask-token-id must be 'auto' or an integer, got {args.mask_token_id!r}") from None
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise DataError(f"--chat-template-kwargs is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(kwargs, dict):
+            raise DataError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
     vocab_size = _target_vocab_size(args.target, args.trust_remote_code)
-    if vocab_size is not None:  # cheap checks before tokenizing anything
-        if isinstance(mask_req, int):
-            check_mask_token(mask_req, vocab_size)
-        if args.draft_vocab_size is not None and not 1 <= args.draft_vocab_size <= vocab_size:
-            raise DataError(
-                f"--draft-vocab-size must be in [1, {vocab_size}] (the target vocab), got {args.draft_vocab_size}"
-            )
     if args.cache is not None and vocab_size is None:
         raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
 
@@ -148,30 +157,21 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         split=args.split,
         limit=args.limit,
         chat_template=args.chat_template,
+        chat_template_kwargs=kwargs,
         vocab_size=vocab_size,
+        draft_vocab_size=args.draft_vocab_size,
+        mask_token_id=args.mask_token_id,
+        on_error=args.on_error,
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     print(summary.format_summary())
-    data = load_prepared(args.out)
-    V = int(data.manifest["vocab_size"])
-    size = args.draft_vocab_size or V
-    if size > V:
-        raise DataError(f"--draft-vocab-size {size} exceeds the target vocab ({V})")
-    vocab = build_draft_vocab(data.supervised_counts, size)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
-    mask = choose_mask_token_id(tokenizer, V, mask_req, data.all_counts)
-    choice = {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": V}
-    (Path(args.out) / DRAFT_CHOICE).write_text(json.dumps(choice, indent=2) + "\n")
-    print(f"draft vocabulary: {size} of {V} tokens, covering {vocab.coverage:.2%} of supervised tokens")
-    print(f"mask_token_id: {mask}")
     if args.cache is not None:
         from .cache import write_cache
         from .target import Target
 
+        data = load_prepared(args.out)
         target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
         manifest = write_cache(
             target, data, args.cache, shard_size=args.cache_shard_size, progress=not args.no_progress

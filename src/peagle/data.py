@@ -3,26 +3,32 @@
 Pipeline (DESIGN §1, §2 "data"):
 
 1. ``read_records``: chat records from JSONL / JSON / parquet / a ``datasets`` directory, OpenAI
-   ``messages`` or ShareGPT ``conversations``, normalised to OpenAI-style messages.
-2. ``tokenize_chat``: the target's chat template renders each record; the loss mask marks exactly
-   the assistant tokens (``{% generation %}`` blocks, or prefix rendering when the template has none).
-3. ``prepare``: the ``peagle prepare`` core — a tokenized dataset on disk, a manifest, and token counts
-   (supervised tokens for the draft vocabulary, all tokens for the mask-token check).
+   ``messages`` or ShareGPT ``conversations``, normalised to OpenAI-style messages (every OpenAI
+   content form: ``peagle.chat``). Bad records raise one-line errors naming file:line, or are
+   handed to ``on_bad`` (``prepare --on-error skip``).
+2. ``tokenize_chat_examples``: the target's chat template renders each record; the loss mask marks
+   exactly the assistant tokens, each assistant turn in the form the model generates it at serving
+   time (after its history as the template renders it). When the template renders every turn that
+   way inside the full conversation (incremental templates: Llama-3.1, ChatML) the record is one
+   example; when it rewrites earlier turns (Qwen3 strips their reasoning, some templates move the
+   system prompt) the record becomes one example per distinct rendering (strategy ``per_turn``).
+   Spans come from ``{% generation %}`` blocks when the template has them, else prefix rendering.
+3. ``prepare``: the ``peagle prepare`` core — a tokenized dataset on disk, a manifest, token counts
+   (supervised tokens for the draft vocabulary, all tokens for the mask-token check), the draft
+   vocabulary and mask token, all written as one atomic directory.
 4. ``pack`` / ``collate``: examples into rows of ``max_length`` tokens with per-row document ids.
 5. ``eagle_shift``: THE one place the EAGLE shift happens, on packed rows, per document.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -31,12 +37,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .chat import ChatFormatError, normalize_message, reasoning_of, template_messages
+
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.safetensors"
 DATASET_SUBDIR = "dataset"
+DRAFT_VOCAB = "draft_vocab.json"  # the draft vocab size + mask token chosen by prepare (read by train)
+FORMAT = "peagle-prepared-v1"
 _ARROW_CHUNK = 1024  # examples per in-memory Arrow chunk while preparing
 
 OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+OPENAI_ROLE_ALIASES = {"function": "tool"}  # the legacy OpenAI role of a function result
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -57,11 +68,34 @@ TOO_LONG = "too_long"
 PROMPT_TOO_LONG = "prompt_longer_than_max_length"
 NO_SUPERVISED = "no_supervised_tokens"
 TEMPLATE_ERROR = "template_error"
-TEMPLATE_NOT_INCREMENTAL = "template_not_incremental"
+TEMPLATE_NOT_INCREMENTAL = "template_not_incremental"  # not even one turn's serving form is locatable
+
+# Bad-record reasons (strict mode: an error naming file:line; --on-error skip: counted and listed).
+MALFORMED_JSON = "malformed_json"
+NOT_UTF8 = "not_utf8"
+BAD_RECORD = "bad_record"
+UNKNOWN_ROLE = "unknown_role"
+
+# How a record was turned into examples (manifest "tokenization", summary).
+ONE_RENDERING = "one_rendering"  # every assistant turn appears in the full rendering as generated
+PER_TURN = "per_turn"  # the template rewrites earlier turns: one example per distinct rendering
+GENERATION_FULL = "generation_full_rendering"  # serving forms not locatable: {% generation %} spans of
+#                                                the full rendering (earlier turns as the template shows them)
+
+ON_ERROR_CHOICES = ("strict", "skip")
+SKIP_HINT = "to skip bad records and list them in the summary, pass --on-error skip"
 
 
 class DataError(ValueError):
     """Bad input data or tokenizer setup; the message is one line naming the file/line when known."""
+
+
+class RecordError(DataError):
+    """One unusable record: ``str(e)`` names ``source:line``; ``reason`` is its bucket for skip mode."""
+
+    def __init__(self, message: str, reason: str, source: str, line: int) -> None:
+        super().__init__(message)
+        self.reason, self.source, self.line = reason, source, line
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,73 +167,135 @@ class SplitSpec:
         return self.percent or any(v is not None and v < 0 for v in (self.start, self.stop))
 
 
+def _message(m: Any, i: int, role: str, where: str, source: str, line: int) -> dict[str, Any]:
+    try:
+        return normalize_message(m, i, role)
+    except ChatFormatError as e:
+        raise RecordError(f"{where}: {e}", e.reason, source, line) from None
+
+
 def _normalise(obj: Any, source: str, line: int) -> Record:
-    """Turn one raw record (dict) into a Record with OpenAI-style messages; unknown roles raise."""
+    """Turn one raw record (dict) into a Record with OpenAI-style messages.
+
+    Raises :class:`RecordError` (a DataError) naming ``source:line``: not an object, unknown role,
+    content that is not text (``peagle.chat``), tool calls that are not valid.
+    """
     where = f"{source}:{line}"
+
+    def bad(msg: str, reason: str = BAD_RECORD) -> RecordError:
+        return RecordError(f"{where}: {msg}", reason, source, line)
+
     if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: expected a JSON object with 'messages' or 'conversations'")
+        raise bad("expected a JSON object with 'messages' or 'conversations'")
     tools = obj.get("tools")
     if isinstance(tools, str):  # some datasets store tools as a JSON string
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError:
-            raise DataError(f"{where}: 'tools' is a string that is not valid JSON") from None
+        if not tools.strip():
+            tools = None
+        else:
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError:
+                raise bad("'tools' is a string that is not valid JSON") from None
+    if tools is not None and not isinstance(tools, list):
+        raise bad(f"'tools' must be a list of tool schemas, got {type(tools).__name__}")
+    system = obj.get("system")  # a top-level system prompt (LLaMA-Factory-style ShareGPT records)
     if obj.get("messages") is not None:
         msgs = obj["messages"]
         if not isinstance(msgs, list):
-            raise DataError(f"{where}: 'messages' must be a list")
+            raise bad("'messages' must be a list")
         out = []
-        for m in msgs:
+        for i, m in enumerate(msgs):
             if not isinstance(m, Mapping) or "role" not in m:
-                raise DataError(f"{where}: each message needs a 'role'")
-            role = m["role"]
+                raise bad(f"message {i} needs a 'role'")
+            role = OPENAI_ROLE_ALIASES.get(m["role"], m["role"])
             if role not in OPENAI_ROLES:
-                raise DataError(f"{where}: unknown role {role!r} (expected one of {sorted(OPENAI_ROLES)})")
-            out.append({k: v for k, v in m.items() if v is not None})
-        return Record(out, source, line, tools or None)
-    if obj.get("conversations") is not None:
+                raise bad(f"unknown role {m['role']!r} (expected one of {sorted(OPENAI_ROLES)})", UNKNOWN_ROLE)
+            out.append(_message(m, i, role, where, source, line))
+    elif obj.get("conversations") is not None:
         conv = obj["conversations"]
         if not isinstance(conv, list):
-            raise DataError(f"{where}: 'conversations' must be a list")
+            raise bad("'conversations' must be a list")
         out = []
-        for m in conv:
+        for i, m in enumerate(conv):
             if not isinstance(m, Mapping):
-                raise DataError(f"{where}: each conversation turn must be an object")
+                raise bad(f"conversation turn {i} must be an object")
             if "from" in m:
                 raw = str(m["from"])
                 role = SHAREGPT_ROLES.get(raw.lower())
                 if role is None:
-                    raise DataError(
-                        f"{where}: unknown role {raw!r} (expected one of {sorted(SHAREGPT_ROLES)})"
-                    )
-                msg = {k: v for k, v in m.items() if k not in ("from", "value") and v is not None}
-                msg["role"] = role
-                msg["content"] = m.get("value", "")
-                out.append(msg)
+                    raise bad(f"unknown role {raw!r} (expected one of {sorted(SHAREGPT_ROLES)})", UNKNOWN_ROLE)
+                msg = {k: v for k, v in m.items() if k not in ("from", "value")}
+                msg["content"] = m.get("value")
+                out.append(_message(msg, i, role, where, source, line))
             elif "role" in m:  # conversations column holding OpenAI-style turns
-                if m["role"] not in OPENAI_ROLES:
-                    raise DataError(f"{where}: unknown role {m['role']!r}")
-                out.append({k: v for k, v in m.items() if v is not None})
+                role = OPENAI_ROLE_ALIASES.get(m["role"], m["role"])
+                if role not in OPENAI_ROLES:
+                    raise bad(f"unknown role {m['role']!r} (expected one of {sorted(OPENAI_ROLES)})",
+                              UNKNOWN_ROLE)
+                out.append(_message(m, i, role, where, source, line))
             else:
-                raise DataError(f"{where}: conversation turn without 'from' or 'role'")
-        return Record(out, source, line, tools or None)
-    raise DataError(f"{where}: record has neither 'messages' nor 'conversations' (keys: {sorted(obj)})")
+                raise bad(f"conversation turn {i} has neither 'from' nor 'role'")
+    else:
+        raise bad(f"record has neither 'messages' nor 'conversations' (keys: {sorted(obj)})")
+    if isinstance(system, str) and system and not (out and out[0]["role"] in ("system", "developer")):
+        out.insert(0, {"role": "system", "content": system})
+    return Record(out, source, line, tools or None)
 
 
-def _iter_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
+_Item = Record | RecordError  # what the source iterators yield: a record, or why one is unusable
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str | RecordError:
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a UTF-8 BOM is a normal UTF-8 file
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        col = len(raw[: e.start].decode("utf-8", "replace")) + 1
+        return RecordError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                           "re-encode the file as UTF-8", NOT_UTF8, str(path), lineno)
+
+
+def _iter_jsonl(path: Path) -> Iterator[_Item]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            text = _decode_line(raw, path, lineno)
+            if isinstance(text, RecordError):
+                yield text
+                continue
             if not text.strip():
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            yield _normalise(obj, str(path), lineno)
+                yield RecordError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})",
+                                  MALFORMED_JSON, str(path), lineno)
+                continue
+            yield _record_or_error(obj, str(path), lineno)
 
 
-def _iter_json(path: Path) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+def _record_or_error(obj: Any, source: str, line: int) -> _Item:
+    try:
+        return _normalise(obj, source, line)
+    except RecordError as e:
+        return e
+
+
+def _read_text(path: Path) -> str:
+    """A whole UTF-8 file (BOM accepted); a non-UTF-8 byte is a DataError naming file:line."""
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file "
+                        "as UTF-8") from None
+
+
+def _iter_json(path: Path) -> Iterator[_Item]:
+    text = _read_text(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -223,26 +319,36 @@ def _iter_json(path: Path) -> Iterator[Record]:
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a JSON list of records")
     for i, rec in enumerate(obj, 1):
-        yield _normalise(rec, str(path), i)
+        yield _record_or_error(rec, str(path), i)
 
 
-def _iter_rows(rows: Iterable[Mapping[str, Any]], source: str) -> Iterator[Record]:
+def _iter_rows(rows: Iterable[Mapping[str, Any]], source: str) -> Iterator[_Item]:
     for i, row in enumerate(rows, 1):
-        yield _normalise(row, source, i)
+        yield _record_or_error(row, source, i)
 
 
-def _iter_parquet(path: Path) -> Iterator[Record]:
+def _iter_parquet(path: Path) -> Iterator[_Item]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e})") from None
     i = 0
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             i += 1
-            yield _normalise(row, str(path), i)
+            yield _record_or_error(row, str(path), i)
 
 
-def _iter_datasets_dir(path: Path, split: str | None) -> Iterator[Record]:
+def _split_name_error(path: Path, name: str) -> DataError:
+    return DataError(
+        f"split {name!r}: {path} has no named splits (a data file or a single saved Dataset is the 'train' "
+        "split, as in datasets.load_dataset); use a slice such as [:1000] or train[:1000]"
+    )
+
+
+def _iter_datasets_dir(path: Path, split: str | None) -> Iterator[_Item]:
     from datasets import DatasetDict, load_from_disk
 
     ds = load_from_disk(str(path))
@@ -251,6 +357,8 @@ def _iter_datasets_dir(path: Path, split: str | None) -> Iterator[Record]:
         if name is None or name not in ds:
             raise DataError(f"{path}: pick a split with NAME[...] (available: {sorted(ds)})")
         ds = ds[name]
+    elif split not in (None, "train"):
+        raise _split_name_error(path, split)
     yield from _iter_rows(ds, str(path))
 
 
@@ -261,18 +369,22 @@ def _is_datasets_dir(path: Path) -> bool:
     )
 
 
-def _iter_source(path: Path, split: str | None) -> Iterator[Record]:
+def _iter_source(path: Path, split: str | None) -> Iterator[_Item]:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
     if _is_datasets_dir(path):
         yield from _iter_datasets_dir(path, split)
-    elif path.is_dir():
+        return
+    if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
         if not files:
             raise DataError(f"{path}: directory has no .jsonl/.json/.parquet files and is not a datasets dir")
         for p in files:
             yield from _iter_source(p, split)
-    elif path.suffix == ".parquet":
+        return
+    if split not in (None, "train"):
+        raise _split_name_error(path, split)
+    if path.suffix == ".parquet":
         yield from _iter_parquet(path)
     elif path.suffix == ".json":
         yield from _iter_json(path)
@@ -281,32 +393,44 @@ def _iter_source(path: Path, split: str | None) -> Iterator[Record]:
 
 
 def read_records(
-    paths: str | Path | Sequence[str | Path], *, split: str | None = None, limit: int | None = None
+    paths: str | Path | Sequence[str | Path],
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    on_bad: Callable[[RecordError], None] | None = None,
 ) -> Iterator[Record]:
     """Yield normalised chat records from the given files/directories, in order.
 
     ``split`` (e.g. ``"train[:1000]"``, ``"[10:20]"``, ``"train[:5%]"``) picks a split of a
-    ``datasets`` DatasetDict by name and slices the concatenated record stream; ``limit`` caps the
-    number of records after slicing. Reading stops early when possible, so a malformed line past
-    the slice is never seen.
+    ``datasets`` DatasetDict by name and slices the concatenated record stream (a data file is the
+    ``train`` split; another name for it is an error); ``limit`` caps the number of records after
+    slicing. Positions count every record, bad ones included. Reading stops early when possible, so
+    a malformed line past the slice is never seen. A bad record raises its :class:`RecordError`, or
+    with ``on_bad`` is passed to it and skipped.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     spec = SplitSpec.parse(split)
 
-    def stream() -> Iterator[Record]:
+    def stream() -> Iterator[_Item]:
         for p in paths:
             yield from _iter_source(Path(p), spec.name)
 
     if spec.needs_total():
-        records: Iterable[Record] = list(stream())
-        start, stop = spec.bounds(len(records))  # type: ignore[arg-type]
+        items: Iterable[_Item] = list(stream())
+        start, stop = spec.bounds(len(items))  # type: ignore[arg-type]
     else:
-        records = stream()
+        items = stream()
         start, stop = spec.bounds(None)
     if limit is not None:
         stop = start + limit if stop is None else min(stop, start + limit)
-    yield from islice(records, start, stop)
+    for item in islice(items, start, stop):
+        if isinstance(item, RecordError):
+            if on_bad is None:
+                raise item
+            on_bad(item)
+            continue
+        yield item
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +449,19 @@ class TokenizedExample:
     error: str | None = None
 
 
+@dataclass
+class ChatTokenization:
+    """What one record gives: its examples (each kept or with a drop reason) and how it was split.
+
+    ``strategy``: ONE_RENDERING, PER_TURN or GENERATION_FULL (None when the record failed as a
+    whole); ``reasoning_not_rendered``: assistant turns whose reasoning the template never shows.
+    """
+
+    examples: list[TokenizedExample]
+    strategy: str | None = None
+    reasoning_not_rendered: int = 0
+
+
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -335,10 +472,17 @@ def load_chat_template(chat_template: str | Path | None) -> str | None:
     p = Path(chat_template)
     try:
         if p.is_file():
-            text = p.read_text(encoding="utf-8")
+            text = _read_text(p)
             if p.suffix == ".json":  # tokenizer_config.json-style file
-                obj = json.loads(text)
-                text = obj["chat_template"] if isinstance(obj, dict) else text
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
+                text = obj.get("chat_template") if isinstance(obj, dict) else None
+                if isinstance(text, list):  # named templates: [{"name": ..., "template": ...}]
+                    text = next((t.get("template") for t in text if t.get("name") == "default"), None)
+                if not isinstance(text, str):
+                    raise DataError(f"{p}: no 'chat_template' string in this JSON file")
             return text
     except OSError:
         pass
@@ -362,40 +506,70 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> str:
     return tpl
 
 
-def _render(tokenizer: Any, messages: list[dict], template: str, tools: Any, gen_prompt: bool) -> str:
+def _render(tokenizer: Any, messages: list[dict], template: str, tools: Any, gen_prompt: bool,
+            kwargs: Mapping[str, Any] | None = None) -> str:
     return tokenizer.apply_chat_template(
-        messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=gen_prompt
+        messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=gen_prompt,
+        **(kwargs or {}),
     )
 
 
-def _prefix_spans(
-    tokenizer: Any, messages: list[dict], template: str, tools: Any, full: str
-) -> list[tuple[int, int]] | None:
-    """Character spans of assistant turns in ``full`` by incremental prefix rendering.
+@dataclass
+class _Turn:
+    """Assistant message ``index`` as generated at serving time: ``text`` = render(messages[:index+1]),
+    the generated part is text[start:end] (after the generation prompt, trailing whitespace excluded)."""
 
-    For assistant message i: the span is render(messages[:i+1]) minus render(messages[:i]) with the
-    generation prompt (so the assistant header is not supervised), trailing whitespace excluded.
-    None when the template is not prefix-consistent (a later turn changes earlier text).
+    index: int
+    text: str
+    start: int
+    end: int
+
+
+def _first_difference(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _serving_forms(
+    tokenizer: Any, messages: list[dict], template: str, tools: Any, kwargs: Mapping[str, Any] | None
+) -> tuple[list[_Turn], str | None]:
+    """Every assistant turn rendered as the last message after its history, with its generated span.
+
+    The span starts after render(messages[:i], add_generation_prompt=True) (so the assistant header
+    the server writes is not supervised), or after render(messages[:i]) for templates without a
+    generation prompt. Returns (turns, None), or (turns so far, why) when a turn's history is not a
+    prefix of its own rendering (e.g. a template that prints the message count first).
     """
-    spans = []
+    cache: dict[tuple[int, bool], str] = {}
+
+    def render(n: int, gen: bool) -> str:
+        if (n, gen) not in cache:
+            cache[(n, gen)] = _render(tokenizer, messages[:n], template, tools, gen, kwargs)
+        return cache[(n, gen)]
+
+    turns: list[_Turn] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        upto = _render(tokenizer, messages[: i + 1], template, tools, False)
-        if not full.startswith(upto):
-            return None
-        start = None
+        upto = render(i + 1, False)
+        start = 0 if i == 0 else None
         for gen in (True, False):
-            before = _render(tokenizer, messages[:i], template, tools, gen) if i else ""
+            if start is not None:
+                break
+            before = render(i, gen)
             if upto.startswith(before):
                 start = len(before)
-                break
         if start is None:
-            return None
-        end = len(upto.rstrip())
-        if end > start:
-            spans.append((start, end))
-    return spans
+            before = render(i, True)
+            p = _first_difference(before, upto)
+            return turns, (
+                f"the chat template renders the {i} messages before assistant message {i} differently once "
+                f"that message is added (first difference at character {p}: {before[p:p + 24]!r} vs "
+                f"{upto[p:p + 24]!r}), so its tokens cannot be located; use a template with "
+                "{% generation %} blocks (--chat-template FILE)"
+            )
+        turns.append(_Turn(i, upto, start, len(upto.rstrip())))
+    return turns, None
 
 
 def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
@@ -424,56 +598,8 @@ def _keep_last_run(mask: list[int]) -> list[int]:
     return out
 
 
-def tokenize_chat(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    max_length: int,
-    *,
-    last_turn_only: bool = False,
-    chat_template: str | None = None,
-    truncate: bool = True,
-    tools: list[Any] | None = None,
-) -> TokenizedExample:
-    """Render ``messages`` with the chat template and mark exactly the assistant tokens.
-
-    Uses ``apply_chat_template(return_assistant_tokens_mask=True)`` when the template has
-    ``{% generation %}`` blocks; otherwise (or when that mask comes out empty although assistant
-    turns exist) the spans come from incremental prefix rendering. Longer than ``max_length``:
-    truncated (``truncate``) or dropped (``too_long``); no supervised token left: dropped.
-    """
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2, got {max_length}")
-    template = resolve_chat_template(tokenizer, chat_template)
-    if not any(m.get("role") == "assistant" for m in messages):
-        return TokenizedExample([], [], NO_ASSISTANT)
-    try:
-        ids: list[int] | None = None
-        mask: list[int] | None = None
-        if _GENERATION_TAG.search(template):
-            out = tokenizer.apply_chat_template(
-                messages, tools=tools, chat_template=template, tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True,
-            )
-            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-            if not any(mask) and any(m.get("content") for m in messages if m["role"] == "assistant"):
-                ids = mask = None  # generation tag in an unused branch: use prefix rendering
-        if ids is None:
-            full = _render(tokenizer, messages, template, tools, False)
-            spans = _prefix_spans(tokenizer, messages, template, tools, full)
-            if spans is None:
-                return TokenizedExample([], [], TEMPLATE_NOT_INCREMENTAL)
-            if last_turn_only:
-                spans = spans[-1:]
-            enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-            ids, mask = list(enc["input_ids"]), _mask_from_spans(enc["offset_mapping"], spans)
-        elif last_turn_only:
-            mask = _keep_last_run(mask)
-    except DataError:
-        raise
-    except Exception as e:  # the template rejected this record (jinja raise_exception, bad fields)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return TokenizedExample([], [], TEMPLATE_ERROR, error=msg)
-
+def _finish(ids: list[int], mask: list[int], max_length: int, truncate: bool) -> TokenizedExample:
+    """Truncate (or drop) to ``max_length``; drop when nothing supervised survives the EAGLE shift."""
     if not any(mask):
         return TokenizedExample(ids, mask, NO_SUPERVISED)
     truncated = False
@@ -486,6 +612,202 @@ def tokenize_chat(
     if not any(mask[1:]):  # only position 0 supervised: nothing survives the EAGLE shift
         return TokenizedExample(ids, mask, NO_SUPERVISED)
     return TokenizedExample(ids, mask, None, truncated)
+
+
+def _group_turns(turns: Sequence[_Turn]) -> list[list[_Turn]]:
+    """Group turns by the rendering that holds them as generated: each group's first turn is the
+    latest (its rendering is the example); an earlier turn joins when that rendering starts with its
+    serving form up to its span end. Groups come out in conversation order."""
+    groups: list[list[_Turn]] = []
+    for t in reversed(turns):
+        if t.end <= t.start:
+            continue
+        for g in groups:
+            if g[0].text.startswith(t.text[: t.end]):
+                g.append(t)
+                break
+        else:
+            groups.append([t])
+    return [sorted(g, key=lambda t: t.index) for g in reversed(groups)]
+
+
+def tokenize_chat_examples(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    *,
+    last_turn_only: bool = False,
+    chat_template: str | None = None,
+    truncate: bool = True,
+    tools: list[Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> ChatTokenization:
+    """Render ``messages`` with the chat template; supervise each assistant turn as it is generated.
+
+    Each assistant turn is supervised in the form the model generates it at serving time: rendered
+    as the last message after its history, after the generation prompt. When the full rendering
+    holds every turn that way (incremental templates), the record is one example (ONE_RENDERING);
+    otherwise (the template rewrites earlier turns, e.g. strips their reasoning) each distinct
+    rendering is one example supervising the turns it holds as generated (PER_TURN). With
+    ``{% generation %}`` blocks the mask is the template's own (restricted to those turns), else the
+    spans come from prefix rendering. ``last_turn_only``: supervise only the last assistant turn.
+    Longer than ``max_length``: truncated (``truncate``) or dropped (``too_long``).
+    """
+    if max_length < 2:
+        raise DataError(f"max_length must be at least 2, got {max_length}")
+    template = resolve_chat_template(tokenizer, chat_template)
+    if not any(m.get("role") == "assistant" for m in messages):
+        return ChatTokenization([TokenizedExample([], [], NO_ASSISTANT)])
+    msgs = template_messages(messages, template)
+    has_gen = bool(_GENERATION_TAG.search(template))
+    kw = dict(template_kwargs or {})
+
+    def encode(text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int], Any]:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), _mask_from_spans(enc["offset_mapping"], spans), enc["offset_mapping"]
+
+    def generation_mask(upto: int, ids: list[int]) -> list[int] | None:
+        out = tokenizer.apply_chat_template(msgs[:upto], tools=tools, chat_template=template, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True, **kw)
+        gm = list(out["assistant_masks"])
+        return gm if list(out["input_ids"]) == ids and any(gm) else None
+
+    try:
+        try:
+            turns, problem = _serving_forms(tokenizer, msgs, template, tools, kw)
+        except Exception as e:
+            if not has_gen:
+                raise
+            turns, problem = [], str(e).splitlines()[0] if str(e) else type(e).__name__
+        full = _render(tokenizer, msgs, template, tools, False, kw)
+        examples: list[TokenizedExample] = []
+        if problem is not None:
+            if not has_gen:
+                return ChatTokenization([TokenizedExample([], [], TEMPLATE_NOT_INCREMENTAL, error=problem)])
+            ids, _, _ = encode(full, [])
+            gm = generation_mask(len(msgs), ids) or [0] * len(ids)
+            examples.append(_finish(ids, _keep_last_run(gm) if last_turn_only else gm, max_length, truncate))
+            strategy = GENERATION_FULL
+        else:
+            chosen = [t for t in turns if t.end > t.start]
+            if last_turn_only:
+                chosen = chosen[-1:]
+            if all(full.startswith(t.text[: t.end]) for t in chosen):
+                strategy, groups = ONE_RENDERING, [(full, len(msgs), chosen)]
+            else:
+                strategy = PER_TURN
+                groups = [(g[-1].text, g[-1].index + 1, g) for g in _group_turns(chosen)]
+            for text, upto, group in groups:
+                ids, mask, offsets = encode(text, [(t.start, t.end) for t in group])
+                if has_gen:
+                    gm = generation_mask(upto, ids)
+                    if gm is not None:  # the template's own marks, inside the supervised turns only
+                        region = _mask_from_spans(offsets, [(t.start, len(t.text)) for t in group])
+                        inside = [a & b for a, b in zip(gm, region, strict=True)]
+                        mask = inside if any(inside) else mask
+                examples.append(_finish(ids, mask, max_length, truncate))
+            if not examples:
+                examples.append(TokenizedExample([], [], NO_SUPERVISED))
+        hidden = 0
+        for t in turns:
+            reasoning = reasoning_of(msgs[t.index])
+            if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in t.text[t.start:]:
+                hidden += 1
+    except DataError:
+        raise
+    except Exception as e:  # the template rejected this record (jinja raise_exception, bad fields)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return ChatTokenization([TokenizedExample([], [], TEMPLATE_ERROR, error=msg)])
+    return ChatTokenization(examples, strategy, hidden)
+
+
+def tokenize_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    max_length: int,
+    *,
+    last_turn_only: bool = False,
+    chat_template: str | None = None,
+    truncate: bool = True,
+    tools: list[Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> TokenizedExample:
+    """The one example of a record (see :func:`tokenize_chat_examples`).
+
+    Raises DataError for a record that needs several examples (a template that rewrites earlier
+    turns); use :func:`tokenize_chat_examples` for those.
+    """
+    out = tokenize_chat_examples(tokenizer, messages, max_length, last_turn_only=last_turn_only,
+                                 chat_template=chat_template, truncate=truncate, tools=tools,
+                                 template_kwargs=template_kwargs)
+    if len(out.examples) != 1:
+        raise DataError(f"this chat gives {len(out.examples)} examples (the chat template rewrites earlier "
+                        "turns); use tokenize_chat_examples")
+    return out.examples[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer fingerprints: a prepared dataset belongs to one tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """``{"class", "len", "vocab_sha256"}``: the sha256 covers every (token, id) pair, added tokens
+    included, so two tokenizers of the same size but another vocabulary differ."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"class": type(tokenizer).__name__, "len": len(tokenizer), "vocab_sha256": digest}
+
+
+def _load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load a tokenizer from {path}: {first}") from None
+
+
+def check_dataset_matches_target(
+    manifest: Mapping[str, Any],
+    tokenizer: Any,
+    *,
+    dataset: str | Path = "the dataset",
+    target: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> None:
+    """Refuse a prepared dataset whose tokenizer (class, length, vocabulary sha256) or chat template
+    differ from the target's; ``tokenizer`` is a tokenizer or a directory to load one from.
+
+    Raises one-line DataError naming each difference. Checks only what the manifest records (older
+    datasets have no vocab sha256); the template is compared when the data was prepared with the
+    tokenizer's own template (not ``--chat-template``).
+    """
+    if isinstance(tokenizer, (str, Path)):
+        target = target if target is not None else tokenizer
+        tokenizer = _load_tokenizer(tokenizer, trust_remote_code)
+    target = target if target is not None else getattr(tokenizer, "name_or_path", "the target")
+    rec = manifest.get("tokenizer") or {}
+    have = tokenizer_fingerprint(tokenizer)
+    diffs = []
+    if rec.get("vocab_sha256") and rec["vocab_sha256"] != have["vocab_sha256"]:
+        diffs.append(f"vocabulary sha256 {rec['vocab_sha256'][:12]}… vs {have['vocab_sha256'][:12]}…")
+    if rec.get("len") is not None and int(rec["len"]) != have["len"]:
+        diffs.append(f"tokenizer length {rec['len']} vs {have['len']}")
+    if rec.get("class") and rec["class"] != have["class"]:
+        diffs.append(f"tokenizer class {rec['class']} vs {have['class']}")
+    recorded_tpl = manifest.get("chat_template_sha256")
+    if recorded_tpl and manifest.get("chat_template_source", "tokenizer") == "tokenizer":
+        tpl = getattr(tokenizer, "chat_template", None)
+        tpl = tpl.get("default") if isinstance(tpl, dict) else tpl
+        if not tpl:
+            diffs.append("chat template: the target's tokenizer has none")
+        elif _sha256(tpl) != recorded_tpl:
+            diffs.append(f"chat template sha256 {recorded_tpl[:12]}… vs {_sha256(tpl)[:12]}…")
+    if diffs:
+        raise DataError(f"{dataset} was prepared for another tokenizer than {target}'s ({'; '.join(diffs)}); "
+                        "prepare the data again with this target")
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,32 +825,63 @@ def _histogram_edges(max_length: int) -> list[int]:
     return edges
 
 
+_STRATEGY_TEXT = {
+    ONE_RENDERING: "one rendering holds every assistant turn as generated",
+    PER_TURN: "template rewrites earlier turns: one example per distinct rendering",
+    GENERATION_FULL: "serving form not locatable: {% generation %} spans of the full rendering",
+}
+
+
 @dataclass
 class PrepareSummary:
     """Counts of a ``prepare`` run (also stored in the manifest)."""
 
     output_dir: str
-    read: int
-    kept: int
-    dropped: dict[str, int]
+    read: int  # records read (bad ones included)
+    kept: int  # examples written
+    dropped: dict[str, int]  # examples (or whole records) dropped, by reason
     truncated: int
     tokens: int
     supervised_tokens: int
     histogram: list[tuple[int, int, int]]  # (lo, hi inclusive, count) over kept example lengths
-    errors: list[str] = field(default_factory=list)  # first few template errors
+    errors: list[str] = field(default_factory=list)  # first few template errors (file:line: why)
+    records_kept: int = 0  # records with at least one example written
+    strategies: dict[str, int] = field(default_factory=dict)  # records by tokenization strategy
+    mask_source: str = "prefix"  # "generation" ({% generation %} blocks) or "prefix" (prefix rendering)
+    bad_records: dict[str, int] = field(default_factory=dict)  # skipped bad records by reason
+    bad_examples: list[str] = field(default_factory=list)  # first few skipped records (file:line: why)
+    reasoning_not_rendered: int = 0  # records with reasoning the chat template does not show
+    vocab_size: int = 0
+    draft_vocab_size: int = 0
+    coverage: float = 1.0
+    mask_token_id: int | None = None
 
     def format_summary(self) -> str:
-        """Human-readable summary: read / kept / dropped by reason, tokens, length histogram."""
-        lines = [
-            f"examples read: {self.read}",
-            f"examples kept: {self.kept}" + (f" ({self.truncated} truncated)" if self.truncated else ""),
-        ]
+        """Human-readable summary: records, examples kept / dropped by reason, bad records skipped,
+        the tokenization strategy, tokens, length histogram, draft vocabulary and mask token."""
+        bad = sum(self.bad_records.values())
+        lines = [f"records read: {self.read}" + (f" ({bad} bad, skipped)" if bad else "")]
+        lines.append(f"examples kept: {self.kept} from {self.records_kept} records"
+                     + (f" ({self.truncated} truncated)" if self.truncated else ""))
+        mask = "{% generation %} blocks" if self.mask_source == "generation" else "prefix rendering"
+        lines.append(f"assistant spans: {mask}; each turn supervised as generated at serving time")
+        for strategy, n in sorted(self.strategies.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {strategy}: {n} records ({_STRATEGY_TEXT.get(strategy, strategy)})")
         dropped = sum(self.dropped.values())
         lines.append(f"examples dropped: {dropped}")
         for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {reason}: {n}")
         for err in self.errors:
             lines.append(f"  e.g. {err}")
+        if bad:
+            lines.append(f"bad records skipped: {bad}")
+            for reason, n in sorted(self.bad_records.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"  {reason}: {n}")
+            for err in self.bad_examples:
+                lines.append(f"  e.g. {err}")
+        if self.reasoning_not_rendered:
+            lines.append(f"note: {self.reasoning_not_rendered} records carry reasoning the chat template does "
+                         "not render; it is not trained")
         frac = self.supervised_tokens / self.tokens if self.tokens else 0.0
         lines.append(f"tokens: {self.tokens}")
         lines.append(f"supervised tokens: {self.supervised_tokens} ({frac:.1%})")
@@ -537,6 +890,11 @@ class PrepareSummary:
         for lo, hi, c in self.histogram:
             bar = "#" * (round(40 * c / width) if width else 0)
             lines.append(f"  {lo:>6}-{hi:<6} {c:>8} {bar}")
+        if self.vocab_size:
+            lines.append(f"draft vocabulary: {self.draft_vocab_size} of {self.vocab_size} tokens, covering "
+                         f"{self.coverage:.2%} of supervised tokens")
+        if self.mask_token_id is not None:
+            lines.append(f"mask_token_id: {self.mask_token_id}")
         return "\n".join(lines)
 
 
@@ -552,11 +910,38 @@ def _target_vocab_size(tokenizer_path: str | Path, tokenizer: Any, trust_remote_
 
         try:
             cfg = AutoConfig.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-            cfg = getattr(cfg, "text_config", None) or cfg
+            cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
             n = max(n, int(getattr(cfg, "vocab_size", 0) or 0))
         except Exception:
             pass
     return n
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a destination that is a file, lies under a file, or holds something not ours."""
+    for parent in output_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--out {output_dir} is under {parent}, which is a file, not a directory")
+            break
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise DataError(f"--out {output_dir} is a file, not a directory")
+    entries = sorted(p.name for p in output_dir.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise DataError(f"output directory {output_dir} is not empty (use --overwrite to replace a prepared "
+                        "dataset)")
+    try:
+        ours = json.loads((output_dir / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(entries[:5]) + (f", … and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise DataError(f"--out {output_dir} is not a prepared dataset (it holds {shown}); --overwrite only "
+                        "replaces a directory written by peagle prepare")
 
 
 def prepare(
@@ -570,36 +955,64 @@ def prepare(
     split: str | None = None,
     limit: int | None = None,
     chat_template: str | Path | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     vocab_size: int | None = None,
+    draft_vocab_size: int | None = None,
+    mask_token_id: int | str = "auto",
+    on_error: str = "strict",
     trust_remote_code: bool = False,
     overwrite: bool = False,
     progress: bool = True,
-    max_errors_shown: int = 3,
+    max_errors_shown: int = 5,
 ) -> PrepareSummary:
     """Tokenize chat data with the target's tokenizer/template and write it to ``output_dir``.
 
     Writes ``dataset/`` (HF ``save_to_disk``: columns input_ids int32, loss_mask int8, unshifted),
-    ``manifest.json`` (sources, tokenizer, template sha256, counts, histogram) and
-    ``token_counts.safetensors`` (``supervised`` and ``all``: int64 [vocab_size] token frequencies).
-    The folder appears atomically (written to a temp dir, then renamed). Raises DataError when no
+    ``manifest.json`` (sources, tokenizer fingerprint, template sha256, tokenization strategy,
+    counts, bad records, histogram), ``token_counts.safetensors`` (``supervised`` and ``all``:
+    int64 [vocab_size] token frequencies) and ``draft_vocab.json`` (draft vocab size — the N most
+    frequent supervised tokens, default the full vocab —, coverage and ``mask_token_id``, checked
+    against the data). Everything is written to a hidden temp dir renamed into place at the end, so
+    a failed run leaves nothing. ``on_error``: ``"strict"`` (a bad record is an error naming
+    file:line) or ``"skip"`` (counted by reason, the first few listed). Raises DataError when no
     example survives filtering, listing the drop reasons.
     """
     from datasets import Dataset, Features, Value, concatenate_datasets
     from datasets import Sequence as DsSequence
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
+    from .fsutil import atomic_dir
+    from .vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
+
+    if on_error not in ON_ERROR_CHOICES:
+        raise DataError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if max_length < 2:
+        raise DataError(f"--max-length must be at least 2, got {max_length}")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be >= 1, got {limit}")
+    if mask_token_id != "auto":
+        try:
+            mask_token_id = int(mask_token_id)
+        except (TypeError, ValueError):
+            raise DataError(f"--mask-token-id must be 'auto' or an integer, got {mask_token_id!r}") from None
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+        raise DataError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise DataError(f"output directory {output_dir} is not empty (use overwrite)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise DataError(f"cannot load a tokenizer from {tokenizer_path}: {str(e).splitlines()[0]}") from None
+    _check_output_dir(output_dir, overwrite)
+    input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    SplitSpec.parse(split)  # a bad split is an error before the tokenizer loads
+    tokenizer = _load_tokenizer(tokenizer_path, trust_remote_code)
     template = resolve_chat_template(tokenizer, load_chat_template(chat_template))
     V = vocab_size or _target_vocab_size(tokenizer_path, tokenizer, trust_remote_code)
-    input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    if draft_vocab_size is not None and not 1 <= draft_vocab_size <= V:
+        raise DataError(f"--draft-vocab-size must be in [1, {V}] (the target vocab), got {draft_vocab_size}")
+    if isinstance(mask_token_id, int):
+        try:
+            check_mask_token(mask_token_id, V)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    has_gen = bool(_GENERATION_TAG.search(template))
 
     sup_counts = torch.zeros(V, dtype=torch.int64)
     all_counts = torch.zeros(V, dtype=torch.int64)
@@ -608,47 +1021,78 @@ def prepare(
     kept_ids: list[list[int]] = []
     kept_mask: list[list[int]] = []
     lengths: list[int] = []
-    kept = 0
 
     def flush() -> None:
         if kept_ids:
             chunks.append(Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask}, features=features))
             kept_ids.clear()
             kept_mask.clear()
+
     dropped: Counter[str] = Counter()
+    strategies: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
     errors: list[str] = []
-    read = truncated = tokens = supervised = 0
-    for rec in tqdm(read_records(input_list, split=split, limit=limit), desc="tokenizing", unit="ex",
-                    disable=not progress):
-        read += 1
-        ex = tokenize_chat(tokenizer, rec.messages, max_length, last_turn_only=last_turn_only,
-                           chat_template=template, truncate=not drop_long, tools=rec.tools)
-        if ex.drop_reason is not None:
-            dropped[ex.drop_reason] += 1
-            if ex.error and len(errors) < max_errors_shown:
-                errors.append(f"{rec.source}:{rec.line}: {ex.error}")
-            continue
-        ids = torch.tensor(ex.input_ids, dtype=torch.int64)
-        if ids.numel() and int(ids.max()) >= V:
-            raise DataError(f"{rec.source}:{rec.line}: token id {int(ids.max())} >= vocab size {V}")
-        m = torch.tensor(ex.loss_mask, dtype=torch.bool)
-        all_counts += torch.bincount(ids, minlength=V)
-        sup_counts += torch.bincount(ids[m], minlength=V)
-        kept_ids.append(ex.input_ids)
-        kept_mask.append(ex.loss_mask)
-        lengths.append(len(ex.input_ids))
-        kept += 1
-        if len(kept_ids) >= _ARROW_CHUNK:
-            flush()
-        truncated += ex.truncated
-        tokens += len(ex.input_ids)
-        supervised += int(m.sum())
+    bad_examples: list[str] = []
+
+    def on_bad(e: RecordError) -> None:
+        bad[e.reason] += 1
+        if len(bad_examples) < max_errors_shown:
+            bad_examples.append(str(e))
+
+    kept = records_kept = read = truncated = tokens = supervised = hidden_reasoning = 0
+    records = read_records(input_list, split=split, limit=limit, on_bad=on_bad if on_error == "skip" else None)
+    try:
+        for rec in tqdm(records, desc="tokenizing", unit="rec", disable=not progress):
+            read += 1
+            out = tokenize_chat_examples(tokenizer, rec.messages, max_length, last_turn_only=last_turn_only,
+                                         chat_template=template, truncate=not drop_long, tools=rec.tools,
+                                         template_kwargs=chat_template_kwargs)
+            if out.strategy is not None:
+                strategies[out.strategy] += 1
+            hidden_reasoning += out.reasoning_not_rendered > 0
+            any_kept = False
+            for ex in out.examples:
+                if ex.drop_reason is not None:
+                    dropped[ex.drop_reason] += 1
+                    if ex.error and len(errors) < max_errors_shown:
+                        errors.append(f"{rec.source}:{rec.line}: {ex.error}")
+                    continue
+                ids = torch.tensor(ex.input_ids, dtype=torch.int64)
+                if ids.numel() and int(ids.max()) >= V:
+                    raise DataError(f"{rec.source}:{rec.line}: token id {int(ids.max())} >= vocab size {V}")
+                m = torch.tensor(ex.loss_mask, dtype=torch.bool)
+                all_counts += torch.bincount(ids, minlength=V)
+                sup_counts += torch.bincount(ids[m], minlength=V)
+                kept_ids.append(ex.input_ids)
+                kept_mask.append(ex.loss_mask)
+                lengths.append(len(ex.input_ids))
+                kept += 1
+                any_kept = True
+                if len(kept_ids) >= _ARROW_CHUNK:
+                    flush()
+                truncated += ex.truncated
+                tokens += len(ex.input_ids)
+                supervised += int(m.sum())
+            records_kept += any_kept
+    except RecordError as e:
+        raise DataError(f"{e}; {SKIP_HINT}") from None
+    read += sum(bad.values())
 
     flush()
     if not kept:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "no records read"
-        hint = f" (e.g. {errors[0]})" if errors else ""
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((dropped + bad).items())) or "no records read"
+        hint = errors[0] if errors else (bad_examples[0] if bad_examples else "")
+        hint = f" (e.g. {hint})" if hint else ""
         raise DataError(f"empty dataset after filtering: {read} read, 0 kept; dropped {reasons}{hint}")
+
+    # the draft vocabulary and mask token belong to the dataset: chosen (and checked) before writing
+    size = draft_vocab_size or V
+    vocab = build_draft_vocab(sup_counts, size)
+    try:
+        mask = choose_mask_token_id(tokenizer, V, mask_token_id, all_counts)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    choice = {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": V}
 
     edges = _histogram_edges(max_length)
     len_t = torch.tensor(lengths)
@@ -657,10 +1101,14 @@ def prepare(
         c = int(((len_t >= lo) & (len_t < hi)).sum())
         hist.append((lo, hi - 1, c))
 
-    summary = PrepareSummary(str(output_dir), read, kept, dict(dropped), truncated, tokens,
-                             supervised, hist, errors)
+    summary = PrepareSummary(
+        str(output_dir), read, kept, dict(dropped), truncated, tokens, supervised, hist, errors,
+        records_kept=records_kept, strategies=dict(strategies), mask_source="generation" if has_gen else "prefix",
+        bad_records=dict(bad), bad_examples=bad_examples, reasoning_not_rendered=hidden_reasoning,
+        vocab_size=V, draft_vocab_size=size, coverage=vocab.coverage, mask_token_id=mask,
+    )
     manifest = {
-        "format": "peagle-prepared-v1",
+        "format": FORMAT,
         "sources": [{"path": str(Path(p).resolve()),
                      "size": Path(p).stat().st_size if Path(p).is_file() else None} for p in input_list],
         "split": split,
@@ -668,24 +1116,33 @@ def prepare(
         "tokenizer": {"path": str(Path(tokenizer_path).resolve()) if Path(tokenizer_path).exists()
                       else str(tokenizer_path),
                       "name_or_path": getattr(tokenizer, "name_or_path", None),
-                      "class": type(tokenizer).__name__, "len": len(tokenizer)},
+                      **tokenizer_fingerprint(tokenizer)},
         "chat_template_sha256": _sha256(template),
         "chat_template_source": str(chat_template) if chat_template is not None else "tokenizer",
+        "chat_template_kwargs": dict(chat_template_kwargs or {}),
+        "tokenization": {
+            "supervision": "each assistant turn as generated at serving time (after its rendered history)",
+            "spans": "generation" if has_gen else "prefix",
+            "records_by_strategy": dict(strategies),
+            "strategies": {k: v for k, v in _STRATEGY_TEXT.items() if k in strategies},
+        },
         "vocab_size": V,
         "max_length": max_length,
         "last_turn_only": last_turn_only,
         "drop_long": drop_long,
-        "counts": {"read": read, "kept": kept, "dropped": dict(dropped), "truncated": truncated,
-                   "tokens": tokens, "supervised_tokens": supervised},
+        "on_error": on_error,
+        "counts": {"read": read, "records_kept": records_kept, "kept": kept, "dropped": dict(dropped),
+                   "truncated": truncated, "tokens": tokens, "supervised_tokens": supervised,
+                   "reasoning_not_rendered": hidden_reasoning},
+        "bad_records": {"counts": dict(bad), "first": bad_examples},
         "length_histogram": [list(h) for h in hist],
         "errors": errors,
+        "draft_vocab": choice,
         "columns": {"input_ids": "int32", "loss_mask": "int8"},
         "shifted": False,
     }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_dir(output_dir, replace=True) as tmp:
         ds = chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
         from datasets.utils import logging as ds_logging
 
@@ -698,13 +1155,8 @@ def prepare(
             if was_enabled:
                 ds_logging.enable_progress_bar()
         save_file({"supervised": sup_counts, "all": all_counts}, str(tmp / TOKEN_COUNTS))
+        (tmp / DRAFT_VOCAB).write_text(json.dumps(choice, indent=2) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -743,9 +1195,13 @@ def load_prepared(path: str | Path) -> PreparedData:
         raise DataError(
             f"{path} is not a prepared dataset (no {MANIFEST} / {DATASET_SUBDIR}/); run peagle prepare first"
         )
-    manifest = json.loads((path / MANIFEST).read_text())
-    counts = load_file(str(path / TOKEN_COUNTS))
-    ds = load_from_disk(str(path / DATASET_SUBDIR))
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        counts = load_file(str(path / TOKEN_COUNTS))
+        ds = load_from_disk(str(path / DATASET_SUBDIR))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: a damaged prepared dataset ({first}); run peagle prepare again") from None
     return PreparedData(path, ds, manifest, counts["supervised"], counts["all"])
 
 
