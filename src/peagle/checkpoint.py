@@ -253,17 +253,59 @@ def save_checkpoint(
     """Write the checkpoint of ``state.step`` atomically; prune to ``keep_last``; return its path.
 
     Call on one process only (rank 0); ``rng_states`` holds every rank's :func:`capture_rng`.
+    A failed write (disk full, I/O error) removes its partial files and raises :class:`CheckpointError`;
+    the previous checkpoints are untouched (pruning only follows a complete write).
     """
-    import yaml
+    from .rundir import describe_os_error
 
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob("step-*.tmp"):  # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(state.step)
     final = root / name
+    if final.exists() and not _is_checkpoint_dir(final):
+        raise CheckpointError(f"{final} exists and is not a peagle checkpoint: move it away (nothing was written)")
     tmp = root / f"{name}.tmp"
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp"):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, state, model, optimizer, rng_states, config, write_extra)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = [p for _, p in list_checkpoints(root) if p != final]
+        kept = f"the previous checkpoints are intact (newest: {prev[-1]})" if prev else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot write checkpoint {final}: {describe_os_error(e)}; {kept}") from None
+    replaced = None
+    if final.exists():  # a checkpoint of the same step from an abandoned run: swap, then drop
+        replaced = root / f"{name}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    if keep_last is not None:
+        _prune(root, keep_last, keep=final)
+    return final
+
+
+def _is_checkpoint_dir(path: Path) -> bool:
+    """A directory peagle wrote as a checkpoint (complete, or interrupted after its state file)."""
+    return path.is_dir() and ((path / MARKER).is_file() or (path / "trainer_state.json").is_file())
+
+
+def _write_checkpoint(
+    tmp: Path,
+    state: TrainState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng_states: list[dict[str, Any]],
+    config: dict[str, Any],
+    write_extra: Callable[[Path], None] | None,
+) -> None:
+    """Every file of a checkpoint into ``tmp``, fsync'ed, ``COMPLETE`` last."""
+    import yaml
+
     _save_model(model, tmp / "draft")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_states, tmp / "rng.pt")
@@ -283,22 +325,10 @@ def save_checkpoint(
     marker.write_text(json.dumps({"format": FORMAT_VERSION, "step": state.step, "files": files}, indent=1))
     _fsync_file(marker)
     _fsync_dir(tmp)
-    replaced = None
-    if final.exists():  # a checkpoint of the same step from an abandoned run: swap, then drop
-        replaced = root / f"{name}.replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
-    if keep_last is not None:
-        _prune(root, keep_last, keep=final)
-    return final
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
-    others = [p for _, p in list_checkpoints(root) if p != keep]
+    others = [p for _, p in list_checkpoints(root) if p != keep and _is_checkpoint_dir(p)]
     for p in others[: max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -333,7 +363,16 @@ def load_checkpoint(
     state = TrainState(**{k: v for k, v in raw.items() if k in known})
     if model is not None:
         sd = load_file(str(path / "draft" / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this draft ({first}): was the model config changed?"
+            ) from None
+        omitted = getattr(model, "_omitted_keys", None)  # e.g. d2t/t2d of a full-vocabulary draft
+        if callable(omitted):
+            missing = [k for k in missing if k not in set(omitted())]
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint {path} does not fit this draft (missing {sorted(missing)[:4]}, "

@@ -221,6 +221,16 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="checkpoint dir, or 'auto' = newest complete one in train.output_dir (none: start fresh)",
     )
+    p.add_argument(
+        "--accept-change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="when resuming, accept this config key differing from the checkpoint's (repeatable or "
+        "comma-separated, e.g. optim.lr); it takes effect from the resumed step. Keys that fix the "
+        "draft's shape, vocabulary or data (model.num_depths, data.*, ...) cannot be accepted",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (= --train.progress false)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -228,13 +238,15 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import config_to_dict, load_config
     from .train import INTERRUPTED_EXIT_CODE, train
 
+    if args.no_progress:
+        overrides = [*overrides, "--train.progress", "false"]
     cfg = load_config(args.config, overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, accept_changes=args.accept_change)
     if result.interrupted:
         print(
             f"peagle: interrupted at step {result.step}/{result.total_steps}; checkpoint {result.checkpoint} "
@@ -255,12 +267,17 @@ def _add_export(sub: Any) -> None:
     p.add_argument("checkpoint", help="step-XXXXXXXX checkpoint dir, run output dir, or exported draft")
     p.add_argument("out", help="output directory")
     p.add_argument("--verifier", default=None, help="verifier name_or_path to record (e.g. a hub id)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT when it holds a previous peagle export (anything else is never replaced)",
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, verifier=args.verifier)
+    out = export_checkpoint(args.checkpoint, args.out, verifier=args.verifier, overwrite=args.overwrite)
     print(f"exported draft: {out}")
     return 0
 
@@ -307,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     # Models and tokenizers are local directories: fail fast instead of retrying hub downloads
     # (export HF_HUB_OFFLINE=0 to allow them).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if "--no-progress" in argv:  # also silence transformers' weight-loading and hub bars
+        from .train import quiet_hf_progress
+
+        quiet_hf_progress()
     if argv and argv[0] in ("eval", "demo"):
         return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
     parser = build_parser()

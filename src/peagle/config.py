@@ -127,6 +127,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto")
     tensorboard: bool = _f(True)
     progress: bool = _f(True, help="show a progress bar")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", help="non-finite loss or gradient: stop before saving (stop) or skip the update (skip)"
+    )
 
 
 @dataclass

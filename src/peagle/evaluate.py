@@ -36,7 +36,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1004,8 +1003,8 @@ def evaluate(
     if k < 1:
         raise EvalError(f"num_speculative_tokens must be >= 1, got {k}")
     if k > trained_k:
-        warnings.warn(f"evaluating K={k} with a draft trained for {trained_k} speculative tokens: depths "
-                      f"≥ {trained_k} were never trained", stacklevel=2)
+        raise EvalError(f"--num-speculative-tokens {k} exceeds the draft's trained K ({trained_k}, its num_depths): "
+                        f"depths ≥ {trained_k} were never trained; use K ≤ {trained_k}")
     if int(draft.config.vocab_size) != int(target.vocab_size):
         raise EvalError(f"the draft was built for a vocabulary of {draft.config.vocab_size} tokens, the target "
                         f"has {target.vocab_size}: is it the draft of this target?")
@@ -1043,14 +1042,33 @@ def evaluate(
 
 
 def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDraft:
-    """An exported draft directory, or a training checkpoint directory holding one under `draft/`."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return PEagleDraft.from_pretrained(path, device=device)
-    if (path / "draft" / "config.json").is_file():
-        return PEagleDraft.from_pretrained(path / "draft", device=device)
-    raise EvalError(f"{path} is neither an exported draft (config.json + model.safetensors) nor a training "
-                    "checkpoint with a draft/ subdirectory")
+    """An exported draft, a training checkpoint (verified) or a run directory (its newest complete
+    checkpoint): resolved by `peagle.export.find_draft_dir`, as `peagle export` does."""
+    from .export import ExportError, find_draft_dir
+
+    try:
+        draft_dir = find_draft_dir(path)
+    except ExportError as e:
+        raise EvalError(f"--draft {e}") from None
+    try:
+        return PEagleDraft.from_pretrained(draft_dir, device=device)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--draft {draft_dir}: {e}") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--out must be a usable directory and --json a usable file path (checked before any work)."""
+    from .rundir import OutputPathError, check_output_dir, check_output_file
+
+    try:
+        if args.out is not None:
+            check_output_dir(args.out, "--out")
+            if args.json is None:
+                check_output_file(Path(args.out) / "eval.json", "--out")
+        if args.json is not None:
+            check_output_file(args.json, "--json")
+    except OutputPathError as e:
+        raise EvalError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1058,7 +1076,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="peagle eval",
         description="Exact offline acceptance length of a P-EAGLE draft (vLLM greedy semantics).")
     p.add_argument("--target", required=True, help="local Hugging Face target model directory")
-    p.add_argument("--draft", required=True, help="exported draft directory or training checkpoint")
+    p.add_argument("--draft", required=True,
+                   help="exported draft, training checkpoint, or run directory (its newest complete checkpoint)")
     p.add_argument("--prompts", required=True, help="JSONL of chats ({'messages': ...}) or {'prompt': ...}")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--num-speculative-tokens", type=int, default=None,
@@ -1086,6 +1105,7 @@ def cli_main(argv: list[str] | None = None) -> int:
             raise EvalError("--max-new-tokens must be >= 1")
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
+        _check_outputs(args)
         target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
         draft = load_draft(args.draft, device=target.device)
         json_path = args.json

@@ -12,22 +12,90 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+from .rundir import OutputPathError, check_output_dir, describe_entries, describe_os_error
 
-__all__ = ["ExportError", "export_draft", "export_checkpoint", "find_draft_dir"]
+__all__ = [
+    "ExportError",
+    "export_draft",
+    "export_checkpoint",
+    "find_draft_dir",
+    "check_export_destination",
+    "is_previous_export",
+]
+
+EXPORT_FILES = ("config.json", "model.safetensors")  # everything an export writes
 
 
 class ExportError(ValueError):
     """The source cannot be exported (not a checkpoint or draft, corrupt, or the round trip failed)."""
 
 
-def export_draft(draft: torch.nn.Module, out: str | Path, *, verifier: str | None = None, check: bool = True) -> Path:
-    """``draft.save_pretrained(out)`` (fp32 master weights as stored), then verify the round trip."""
+def is_previous_export(path: str | Path) -> bool:
+    """True when ``path`` holds exactly what an export writes: a P-EAGLE config.json + model.safetensors."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir() or sorted(p.name for p in path.iterdir()) != sorted(EXPORT_FILES):
+        return False
+    if not (path / "model.safetensors").is_file():
+        return False
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("speculators_model_type") == "peagle"
+
+
+def check_export_destination(out: str | Path, *, overwrite: bool = False, what: str = "export destination") -> Path:
+    """Refuse a destination the export would damage; returns ``out``. Creates and deletes nothing.
+
+    Allowed: a new path, an empty directory, or (with ``overwrite``) a previous peagle export —
+    exactly config.json + model.safetensors of a P-EAGLE draft. Anything else (a run directory,
+    a model directory, a previous export with files added) is refused, naming what is there.
+    """
+    out = Path(out)
+    try:
+        check_output_dir(out, what)
+    except OutputPathError as e:
+        raise ExportError(str(e)) from None
+    if not out.is_dir():
+        return out
+    entries = [p.name for p in out.iterdir()]
+    if not entries:
+        return out
+    if is_previous_export(out):
+        if overwrite:
+            return out
+        raise ExportError(f"{what} {out} already holds a peagle export; pass --overwrite to replace it")
+    raise ExportError(
+        f"{what} {out} is not empty and is not a peagle export (it holds {describe_entries(entries, out)}); "
+        "nothing was written: choose a new or empty directory (--overwrite only replaces a previous export)"
+    )
+
+
+def export_draft(
+    draft: torch.nn.Module,
+    out: str | Path,
+    *,
+    verifier: str | None = None,
+    check: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """``draft.save_pretrained(out)`` (fp32 master weights as stored), then verify the round trip.
+
+    ``out`` must be new, empty, or (``overwrite``) a previous export (:func:`check_export_destination`);
+    the new files replace it atomically.
+    """
     from .draft import PEagleDraft
 
     out = Path(out)
+    check_export_destination(out, overwrite=overwrite)
     if verifier is not None:
         draft.config.verifier_name_or_path = verifier
-    draft.save_pretrained(out)
+    try:
+        draft.save_pretrained(out)
+    except OSError as e:
+        raise ExportError(f"cannot write the export to {out}: {describe_os_error(e)}") from None
     if check:
         back = PEagleDraft.from_pretrained(out)
         ours = {k: v.detach().cpu() for k, v in draft.state_dict().items()}
@@ -63,16 +131,22 @@ def find_draft_dir(src: str | Path) -> Path:
     raise ExportError(f"{src} is neither a training checkpoint, a run output directory nor an exported draft")
 
 
-def export_checkpoint(src: str | Path, out: str | Path, *, verifier: str | None = None) -> Path:
-    """Export the draft of ``src`` into ``out`` (speculators format); returns ``out``."""
+def export_checkpoint(
+    src: str | Path, out: str | Path, *, verifier: str | None = None, overwrite: bool = False
+) -> Path:
+    """Export the draft of ``src`` into ``out`` (speculators format); returns ``out``.
+
+    ``out`` must be new, empty, or (``overwrite``) a previous export; checked before ``src`` is read.
+    """
     from .draft import PEagleDraft
 
-    draft_dir = find_draft_dir(src)
     out = Path(out)
+    draft_dir = find_draft_dir(src)
     if out.resolve() == draft_dir.resolve():
         raise ExportError(f"output {out} is the source draft directory itself")
+    check_export_destination(out, overwrite=overwrite)
     try:
         draft = PEagleDraft.from_pretrained(draft_dir)
     except (OSError, ValueError) as e:
         raise ExportError(f"{draft_dir}: {e}") from None
-    return export_draft(draft, out, verifier=verifier)
+    return export_draft(draft, out, verifier=verifier, overwrite=overwrite)

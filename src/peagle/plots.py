@@ -21,6 +21,7 @@ __all__ = [
     "plot_depth_accuracy",
     "plot_lines",
     "plot_loss_curve",
+    "training_plots",
 ]
 
 _SIZE = (6.4, 4.0)
@@ -189,3 +190,36 @@ def plot_al_histogram(
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def training_plots(
+    train_records: Sequence[Mapping[str, float]],
+    val_records: Sequence[Mapping[str, float]],
+    num_depths: int,
+    out_dir: str | Path,
+) -> dict[str, str]:
+    """The plots of a training run from its metrics records (``metrics.jsonl`` rows), PNG paths by name.
+
+    ``loss.png`` (train loss, validation points), ``depth_accuracy.png`` (top-1 agreement per depth on
+    the training batches) and, when acceptance length was measured, ``al_during_training.png``
+    (AL for every K' = 1..K). No training record: no plot.
+    """
+    out = Path(out_dir)
+    files: dict[str, str] = {}
+    steps = [r["step"] for r in train_records]
+    if not steps:
+        return files
+    v_loss = [r for r in val_records if "loss" in r]
+    files["loss"] = str(plot_loss_curve(
+        steps, [r.get("loss") for r in train_records], out / "loss.png",
+        val_steps=[r["step"] for r in v_loss], val_losses=[r["loss"] for r in v_loss]))
+    files["depth_accuracy"] = str(plot_depth_accuracy(
+        steps, {d: [r.get(f"acc_{d}") for r in train_records] for d in range(num_depths)},
+        out / "depth_accuracy.png", title="Top-1 agreement with the target per depth (training batches)"))
+    v_al = [r for r in val_records if "acceptance_length" in r]
+    if v_al:
+        files["al_during_training"] = str(plot_lines(
+            out / "al_during_training.png", [r["step"] for r in v_al],
+            {f"K={kk}": [r.get(f"al_k{kk}") for r in v_al] for kk in range(1, num_depths + 1)},
+            ylabel="mean acceptance length", title="Acceptance length on held-out prompts during training"))
+    return files

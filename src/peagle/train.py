@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import (
+    CheckpointError,
     TrainState,
     capture_rng,
     list_checkpoints,
@@ -45,13 +46,35 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict
+from .rundir import LOCK_FILE, RunLock, check_output_dir, describe_entries, foreign_entries
 
-__all__ = ["TrainResult", "train", "lr_factor", "INTERRUPTED_EXIT_CODE"]
+__all__ = [
+    "TrainResult",
+    "NonFiniteError",
+    "train",
+    "lr_factor",
+    "read_metrics",
+    "write_report",
+    "INTERRUPTED_EXIT_CODE",
+    "RESUME_FREE",
+    "RESUME_ACCEPTABLE",
+]
 
 INTERRUPTED_EXIT_CODE = 130
 VAL_EPOCH = -1  # COD seed "epoch" of the validation split: the same sample at every evaluation
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.md"
+# What a run writes into train.output_dir besides step-XXXXXXXX/ checkpoints (a fresh run refuses
+# a directory holding anything else: it never writes over files it did not create).
+RUN_FILES = frozenset(
+    {"config.yaml", METRICS_FILE, "tensorboard", FINAL_DIR, REPORT_FILE, LOCK_FILE,
+     "loss.png", "depth_accuracy.png", "al_during_training.png"}
+)
+
+
+class NonFiniteError(ValueError):
+    """The loss, a gradient or a weight became NaN/inf (``train.on_nonfinite: stop``); nothing was saved."""
 
 
 @dataclass
@@ -66,6 +89,8 @@ class TrainResult:
     export_dir: Path | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_val: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.on_nonfinite: skip)
+    report: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +449,8 @@ class _Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start if start else None)
+                # purge what a previous process logged past the checkpoint (steps > start), keep step start
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.tb = None
         if cfg.train.progress:
@@ -533,13 +559,268 @@ def _validate(trainer: Any, data: _Data, source: Any, cfg: Config, d: _Dist, aut
 # the loop
 
 
-def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
-    keys = []
-    for sec in sorted(set(old) | set(new)):
+# Resuming with a changed config. FREE keys (how long, how often, where to log, how to compute
+# the same thing) are applied and logged; ACCEPTABLE ones change the optimisation from the resumed
+# step and need ``--accept-change KEY``; every other key (the draft's shape and vocabulary, the
+# data split and order, initialisation) cannot change on resume.
+RESUME_FREE = frozenset({
+    "train.max_steps", "train.epochs", "train.save_every", "train.keep_last", "train.eval_every",
+    "train.log_every", "train.progress", "train.tensorboard", "train.output_dir", "train.on_nonfinite",
+    "train.device", "model.sequence_partitions", "model.activation_checkpointing", "model.target_name",
+    "model.trust_remote_code", "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens",
+})
+RESUME_ACCEPTABLE = frozenset({
+    "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr_ratio",
+    "optim.grad_clip", "model.ratio", "model.ratio_min", "model.max_anchors", "model.target",
+    "model.target_dtype", "data.cache", "train.micro_batch_size", "train.grad_accum", "train.dtype",
+})
+
+
+def _why_fixed(key: str) -> str:
+    """Why ``key`` cannot change on resume."""
+    if key.startswith("data."):
+        return "the data position refers to the old split and packing"
+    if key == "train.seed":
+        return "epoch orders and COD samples come from the seed"
+    if key.startswith("model.init_"):
+        return "it only acts when a run starts"
+    return "the checkpoint fixes the draft's shape, vocabulary and trained parameters"
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every key of ``new`` whose value differs from ``old``.
+
+    A key missing from ``old`` (a config written before the key existed) counts as its default.
+    """
+    import dataclasses
+
+    from .config import SECTIONS
+
+    out = []
+    for sec, cls in SECTIONS.items():
         a, b = old.get(sec) or {}, new.get(sec) or {}
-        keys += [f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        for f in dataclasses.fields(cls):
+            if f.name not in b:
+                continue
+            if f.name in a:
+                before = a[f.name]
+            elif f.default is not dataclasses.MISSING:
+                before = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                before = f.default_factory()
+            else:
+                before = None
+            after = b[f.name]
+            if isinstance(before, tuple):
+                before = list(before)
+            if before != after:
+                out.append((f"{sec}.{f.name}", before, after))
+    return out
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def parse_accept_changes(items: list[str] | tuple[str, ...]) -> set[str]:
+    """Validate ``--accept-change`` keys (repeatable, comma-separated); raise :class:`ConfigError`."""
+    from .config import _suggest, all_keys
+
+    keys: set[str] = set()
+    valid = set(all_keys())
+    for item in items:
+        for key in (k.strip() for k in item.split(",")):
+            if not key:
+                continue
+            if key not in valid:
+                raise ConfigError(f"--accept-change: unknown key '{key}'{_suggest(key)}")
+            if key not in RESUME_FREE and key not in RESUME_ACCEPTABLE:
+                raise ConfigError(
+                    f"--accept-change {key}: {key} cannot change on resume ({_why_fixed(key)}); "
+                    "train it in a new train.output_dir"
+                )
+            keys.add(key)
     return keys
+
+
+def _resume_changes(old: dict[str, Any], cfg: Config, accepted: set[str], ckpt: Path, step: int) -> list[str]:
+    """The config changes a resume applies (as log lines), or :class:`ConfigError` listing refused ones."""
+    changes = _config_changes(old, config_to_dict(cfg))
+    applied, need, fixed = [], [], []
+    for key, a, b in changes:
+        text = f"{key} {_show(a)} → {_show(b)}"
+        if key in RESUME_FREE or (key in RESUME_ACCEPTABLE and key in accepted):
+            applied.append(text)
+        elif key in RESUME_ACCEPTABLE:
+            need.append((key, text))
+        else:
+            fixed.append((key, f"{text} (cannot change on resume: {_why_fixed(key)})"))
+    if need or fixed:
+        msg = (
+            f"resuming from {ckpt} with a config that differs from the checkpoint's: "
+            + ", ".join(t for _, t in fixed + need)
+        )
+        if fixed:
+            msg += (
+                f"; restore {', '.join(k for k, _ in fixed)} or train in a new train.output_dir"
+            )
+        if need:
+            msg += (
+                f"; to apply {'them' if len(need) > 1 else 'it'} from step {step + 1}, pass "
+                + " ".join(f"--accept-change {k}" for k, _ in need)
+            )
+        raise ConfigError(msg)
+    changed = {k for k, _, _ in changes}
+    for key in sorted(accepted - changed):
+        applied.append(f"--accept-change {key}: unchanged from the checkpoint (nothing to apply)")
+    return applied
+
+
+def _check_resume_vocab(ckpt: Path, vocab: Any, mask: int, cfg: Config) -> None:
+    """Refuse resuming a checkpoint whose draft vocabulary or mask token differ from this dataset's."""
+    from safetensors import safe_open
+
+    draft_dir = ckpt / "draft"
+    try:
+        raw = json.loads((draft_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: unreadable draft/config.json") from None
+    where = f"data.dataset {cfg.data.dataset}"
+    old_size = raw.get("draft_vocab_size")
+    if old_size is not None and int(old_size) != vocab.size:
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was trained with a draft vocabulary of {old_size} tokens, {where} "
+            f"gives {vocab.size}; resume with the dataset it was trained on (or train in a new train.output_dir)"
+        )
+    old_mask = raw.get("mask_token_id")
+    if old_mask is not None and int(old_mask) != int(mask):
+        raise ConfigError(
+            f"cannot resume from {ckpt}: it was trained with mask_token_id {old_mask}, {where} gives {mask}; "
+            "resume with the dataset it was trained on (or set model.mask_token_id)"
+        )
+    with safe_open(str(draft_dir / "model.safetensors"), framework="pt") as f:
+        if "d2t" in f.keys():
+            old_d2t = f.get_tensor("d2t").to(torch.int64)
+            if old_d2t.shape != vocab.d2t.shape or not torch.equal(old_d2t, vocab.d2t.to(torch.int64)):
+                raise ConfigError(
+                    f"cannot resume from {ckpt}: its draft vocabulary ({old_d2t.numel()} tokens) is not the one "
+                    f"{where} gives (same size, other tokens: was the dataset prepared again?); resume with the "
+                    "dataset it was trained on (or train in a new train.output_dir)"
+                )
+
+
+def _owned_by_run(name: str) -> bool:
+    """Whether ``name`` (an entry of train.output_dir) is something a peagle run writes."""
+    import re
+
+    return (
+        name in RUN_FILES
+        or re.fullmatch(r"step-\d+(\.tmp|\.replaced)?", name) is not None
+        or name.startswith((f".{FINAL_DIR}.tmp-", f".{FINAL_DIR}.old-"))
+    )
+
+
+def _check_output_dir(out: Path, has_checkpoints: bool) -> None:
+    """A fresh run refuses a directory holding what it did not write; ``final/`` must be an export."""
+    from .export import is_previous_export
+
+    if not has_checkpoints:
+        foreign = foreign_entries(out, _owned_by_run)
+        if foreign:
+            raise ConfigError(
+                f"train.output_dir {out} is not empty and is not a peagle run directory (it holds "
+                f"{describe_entries(foreign, out)}); choose a new or empty directory"
+            )
+    final = out / FINAL_DIR
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or is_previous_export(final))):
+        what = describe_entries([p.name for p in final.iterdir()], final) if final.is_dir() else "a file"
+        raise ConfigError(
+            f"train.output_dir {out}: {final} is not a peagle export ({what}); the export at the end of "
+            "training would replace it: move it away first"
+        )
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, validation records) of a run's ``metrics.jsonl`` (empty lists if none)."""
+    train_recs: list[dict[str, Any]] = []
+    val_recs: list[dict[str, Any]] = []
+    path = Path(path)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                (val_recs if rec.get("split") == "val" else train_recs).append(rec)
+    return train_recs, val_recs
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    return "n/a" if v is None or not isinstance(v, (int, float)) or not math.isfinite(float(v)) else format(v, spec)
+
+
+def write_report(out: str | Path, cfg: Config, result: TrainResult, draft_config: Any) -> Path:
+    """``report.md`` + training PNGs (``peagle.plots.training_plots``) in the run directory; returns the report."""
+    from . import plots
+
+    out = Path(out)
+    k = cfg.model.num_depths
+    train_recs, val_recs = read_metrics(out / METRICS_FILE)
+    files = plots.training_plots(train_recs, val_recs, k, out)
+    step_s = sum(float(r.get("step_s", 0.0)) for r in train_recs)
+    tokens = sum(int(r.get("tokens", 0)) for r in train_recs)
+    last = train_recs[-1] if train_recs else {}
+    val = val_recs[-1] if val_recs else {}
+    dc = draft_config
+    lines: list[str] = []
+    w = lines.append
+    w("# peagle training report\n")
+    w(f"Run directory `{out}`: {result.step} of {result.total_steps} optimizer steps, "
+      f"{time.strftime('%Y-%m-%d %H:%M')}.\n")
+    w(f"- target `{cfg.model.target}`, dataset `{cfg.data.dataset}`")
+    w(f"- draft: {dc.num_hidden_layers} decoder layer(s), hidden {dc.hidden_size}, K = {k} parallel depths, "
+      f"draft vocabulary {dc.draft_vocab_size} of {dc.vocab_size}, mask token {dc.mask_token_id}")
+    w(f"- optimisation: lr {cfg.optim.lr:g} (warmup {cfg.optim.warmup_steps}, cosine to "
+      f"{cfg.optim.min_lr_ratio:g}×), {cfg.train.micro_batch_size} rows × {cfg.train.grad_accum} "
+      f"accumulation per rank, rows of {cfg.data.max_length} tokens")
+    rate = tokens / step_s if step_s else 0.0
+    w(f"- {tokens:,} tokens in {step_s:.1f} s of optimizer steps ({rate:,.0f} tokens/s)")
+    if result.skipped_steps:
+        w(f"- **{result.skipped_steps} step(s) skipped for a non-finite loss** (train.on_nonfinite: skip)")
+    if last:
+        accs = ", ".join(f"d{d} {_num(last.get(f'acc_{d}'), '.3f')}" for d in range(k))
+        w(f"- last training step: loss {_num(last.get('loss'))}; top-1 agreement per depth: {accs}")
+    if val:
+        w(f"- last validation (step {val.get('step')}): loss {_num(val.get('loss'))}, "
+          f"mean acceptance length {_num(val.get('acceptance_length'), '.3f')} at K = {k}")
+    w(f"- checkpoint `{result.checkpoint}`; exported draft `{result.export_dir}`\n")
+    if val_recs:
+        has_al = any("acceptance_length" in r for r in val_recs)
+        w("## Validation during training\n")
+        al_cols = "".join(f" AL K={kk} |" for kk in range(1, k + 1)) if has_al else ""
+        w("| step | val loss | val acc |" + al_cols)
+        w("|---:|---:|---:|" + ("---:|" * k if has_al else ""))
+        for r in val_recs:
+            row = f"| {r.get('step')} | {_num(r.get('loss'))} | {_num(r.get('acc'), '.3f')} |"
+            if has_al:
+                row += "".join(f" {_num(r.get(f'al_k{kk}'), '.3f')} |" for kk in range(1, k + 1))
+            w(row)
+        w("")
+    if files:
+        w("## Plots\n")
+        titles = {"loss": "training loss", "depth_accuracy": "top-1 agreement per depth",
+                  "al_during_training": "acceptance length during training"}
+        for name, path in files.items():
+            w(f"![{titles.get(name, name)}]({Path(path).name})")
+        w("")
+    spec = json.dumps({"model": str(result.export_dir), "method": "eagle3", "parallel_drafting": True,
+                       "num_speculative_tokens": k})
+    w("## Next\n")
+    w("```bash")
+    w(f"peagle eval --target {cfg.model.target} --draft {out} --prompts PROMPTS.jsonl --out {out / 'eval'}")
+    w(f"vllm serve {cfg.model.target_name or cfg.model.target} --speculative-config '{spec}'")
+    w("```")
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _global_step_rows(data: _Data, epoch: int, row: int) -> list[list[int]]:
@@ -561,27 +842,77 @@ def _positions(data: _Data, state: TrainState, total: int) -> Iterator[tuple[int
         row += data.rows_per_step
 
 
-def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = None) -> TrainResult:
+def quiet_hf_progress() -> None:
+    """Silence transformers' and huggingface_hub's progress bars (weight loading, downloads)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def train(
+    cfg: Config,
+    resume: str | None = None,
+    *,
+    stop_after: int | None = None,
+    accept_changes: list[str] | tuple[str, ...] = (),
+) -> TrainResult:
     """Run (or continue) the training described by ``cfg``; returns a :class:`TrainResult`.
 
     ``resume``: a checkpoint path, an output dir, or ``"auto"`` (the newest complete checkpoint of
     ``train.output_dir``; none = start fresh). ``stop_after``: behave as if interrupted after that
     many total steps (tests and time-boxed jobs): checkpoint, no export, ``interrupted=True``.
+    ``accept_changes``: config keys allowed to differ from the resumed checkpoint's (see
+    ``RESUME_ACCEPTABLE``); they take effect from the resumed step. Other differences are refused.
+    The output directory is locked for the whole run (a second run on it refuses).
     """
-    from .data import DataError, load_prepared
-
     out = Path(cfg.train.output_dir)
     # -- cheap checks first: nothing heavy runs on a config or checkpoint that will be refused
     if cfg.eval.prompts is not None and not Path(cfg.eval.prompts).is_file():
         raise ConfigError(f"eval.prompts: file not found: {cfg.eval.prompts}")
     if not (Path(cfg.model.target) / "config.json").is_file():
         raise ConfigError(f"model.target: {cfg.model.target} is not a model directory (no config.json)")
+    check_output_dir(out, "train.output_dir")
+    accepted = parse_accept_changes(list(accept_changes))
+    if not cfg.train.progress:
+        quiet_hf_progress()
+    lock = RunLock(out, "train.output_dir") if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train_locked(cfg, out, resume, stop_after, accepted)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg: Config, out: Path, resume: str | None, stop_after: int | None, accepted: set[str]
+) -> TrainResult:
+    from .data import DataError, load_prepared
+
     ckpt = resolve_resume(resume, out) if resume else None
     if resume is None and list_checkpoints(out):
         raise ConfigError(
             f"train.output_dir {out} already holds checkpoints; pass --resume auto to continue, "
             "or choose another output directory"
         )
+    _check_output_dir(out, has_checkpoints=bool(list_checkpoints(out)))
+    applied: list[str] = []
+    if ckpt is not None:
+        step = int(json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0))
+        applied = _resume_changes(load_config_dict(ckpt), cfg, accepted, ckpt, step)
+    elif accepted:
+        print("note: --accept-change has no effect: there is no checkpoint to resume (a fresh run)", flush=True)
     try:
         prepared = load_prepared(cfg.data.dataset)
     except DataError as e:
@@ -593,13 +924,22 @@ def train(cfg: Config, resume: str | None = None, *, stop_after: int | None = No
             f"data.dataset {cfg.data.dataset} was prepared for a vocabulary of {prepared_vocab} tokens, but "
             f"model.target {cfg.model.target} has {vocab_size}: prepare it with this target"
         )
+    try:  # tokenized by this target's tokenizer? (class, length, vocabulary sha256, chat template)
+        from .data import check_dataset_matches_target
+
+        check_dataset_matches_target(prepared.manifest, cfg.model.target, dataset=cfg.data.dataset,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    except DataError as e:
+        raise ConfigError(f"data.dataset: {e}") from None
     tok_len = int((prepared.manifest.get("tokenizer") or {}).get("len") or vocab_size)
     vocab, mask = _vocab_and_mask(cfg, prepared, tok_len, vocab_size)
+    if ckpt is not None:
+        _check_resume_vocab(ckpt, vocab, mask, cfg)
     cache = _open_cache(cfg, prepared, num_layers)
 
     d = _init_distributed(cfg.train.device)
     try:
-        return _run(cfg, d, prepared, out, ckpt, stop_after, (vocab, mask, cache))
+        return _run(cfg, d, prepared, out, ckpt, stop_after, (vocab, mask, cache), applied)
     finally:
         if d.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -643,8 +983,44 @@ def _open_cache(cfg: Config, prepared: Any, num_layers: int) -> Any:
     return cache
 
 
+def _apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: Any, o: Any, step: int, total: int) -> float:
+    """After a resume: this config's AdamW settings and lr schedule from ``step`` on; returns the lr used next.
+
+    A checkpoint's optimizer and scheduler states carry the old run's lr, betas, eps and weight
+    decay; without this they would silently win over the config. Unchanged values give exactly the
+    numbers LambdaLR would have produced (``base_lr * factor(step)``), so exact resume is kept.
+    """
+    factor = lr_factor(step, total, o.warmup_steps, o.min_lr_ratio)
+    for i, g in enumerate(optimizer.param_groups):
+        g["initial_lr"] = o.lr
+        g["betas"] = tuple(o.betas)
+        g["eps"] = o.eps
+        g["weight_decay"] = o.weight_decay if i == 0 else 0.0
+        g["lr"] = o.lr * factor
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def _grad_norm(params: list[Tensor], clip: float | None) -> float:
+    """Global gradient norm (clipping to ``clip`` when set)."""
+    if clip is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
 def _run(
-    cfg: Config, d: _Dist, prepared: Any, out: Path, ckpt: Path | None, stop_after: int | None, pre: tuple
+    cfg: Config,
+    d: _Dist,
+    prepared: Any,
+    out: Path,
+    ckpt: Path | None,
+    stop_after: int | None,
+    pre: tuple,
+    applied: list[str] | None = None,
 ) -> TrainResult:
     from .trainer import PEagleTrainer, StepMetrics
 
@@ -694,9 +1070,11 @@ def _run(
     )
 
     state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
+    next_lr = None
     if ckpt is not None:
         state, rngs = load_checkpoint(ckpt, model=draft, optimizer=optimizer, verify=False)
         scheduler.load_state_dict(state.scheduler)
+        next_lr = _apply_optim_config(optimizer, scheduler, o, state.step, total)
         restore_rng(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
         if state.rows_per_step != rows_per_step:
             state.row_in_epoch = (state.row_in_epoch // rows_per_step) * rows_per_step
@@ -709,9 +1087,13 @@ def _run(
     logger = _Logger(cfg, out, total, state.step, d.main)
     if ckpt is not None:
         logger.write(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch})")
-        changed = _config_changes(load_config_dict(ckpt), config_to_dict(cfg))
-        if changed:
-            logger.write(f"note: config differs from the checkpoint's in {', '.join(changed)}")
+        for change in applied or []:
+            logger.write(f"config change applied from step {state.step + 1}: {change}")
+        if applied:
+            logger.write(
+                f"lr of step {state.step + 1}: {next_lr:.6g} (optim.lr {o.lr:g} × schedule factor "
+                f"{lr_factor(state.step, total, o.warmup_steps, o.min_lr_ratio):.4g}, {total} steps in all)"
+            )
 
     use_autocast = _dtype(t_cfg.dtype, d.device) == torch.bfloat16
 
@@ -727,9 +1109,20 @@ def _run(
     last_saved = state.step if ckpt is not None else -1
     params = [p for p in draft.parameters() if p.requires_grad]
     config_dict = config_to_dict(cfg)
+    skipped = int(state.extra.get("nonfinite_skipped", 0))
+
+    def newest_checkpoint() -> str:
+        existing = list_checkpoints(out)
+        return str(existing[-1][1]) if existing else "none yet"
 
     def save() -> Path | None:
         nonlocal last_saved
+        bad = [n for n, p in draft.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # never let a non-finite draft rotate good checkpoints out
+            raise NonFiniteError(
+                f"non-finite weights ({', '.join(bad[:3])}) after step {state.step}: not saved; "
+                f"the newest checkpoint is {newest_checkpoint()}; lower optim.lr"
+            )
         state.scheduler = scheduler.state_dict()
         rng = capture_rng()
         if d.active:
@@ -764,7 +1157,8 @@ def _run(
 
             if cs is None:
                 cs = ContinuationSet.prepare(
-                    target, al_prompts, cfg.eval.max_new_tokens, limit=cfg.eval.num_prompts, progress=False
+                    target, al_prompts, cfg.eval.max_new_tokens, limit=cfg.eval.num_prompts,
+                    lookahead=m_cfg.num_depths - 1, progress=False,
                 )
             acc = acceptance_on(draft, cs, m_cfg.num_depths)
             rec["acceptance_length"] = float(acc["acceptance_length"])
@@ -782,99 +1176,127 @@ def _run(
         return rec
 
     trainer.train()
-    with _StopFlag() as stop:
-        for epoch, row in _positions(data, state, total):
-            t_start = time.perf_counter()
-            step_rows = _global_step_rows(data, epoch, row)
-            micro = [
-                _micro(data, _rank_micro_rows(step_rows, j, d.rank, d.world, t_cfg.micro_batch_size), t_cfg.seed, epoch)
-                for j in range(t_cfg.grad_accum)
-            ]
-            local_count = sum(trainer.count_supervised(_count_batch(m, aux_w, hid_w)) for m in micro)
-            count = _all_reduce(torch.tensor([float(local_count)], dtype=torch.float64, device=d.device), d)
-            normalizer = float(max(count.item(), 1.0))
-            metrics = StepMetrics.zeros(m_cfg.num_depths)
-            tokens = 0
-            for j, m in enumerate(micro):
-                batch = _full_batch(m, source, d.device)
-                tokens += m.tokens
-                last_micro = j == len(micro) - 1
-                if m_cfg.sequence_partitions == 1:
-                    units: list[Any] = [None]
-                    plan = None
-                else:
-                    with autocast():
-                        plan = trainer.plan(batch)
-                    units = list(range(len(plan.units)))
-                for u in units:
-                    last = last_micro and u == units[-1]
-                    sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
-                    with sync:
+    try:
+        with _StopFlag() as stop:
+            for epoch, row in _positions(data, state, total):
+                t_start = time.perf_counter()
+                step_rows = _global_step_rows(data, epoch, row)
+                mb = t_cfg.micro_batch_size
+                micro = [
+                    _micro(data, _rank_micro_rows(step_rows, j, d.rank, d.world, mb), t_cfg.seed, epoch)
+                    for j in range(t_cfg.grad_accum)
+                ]
+                local_count = sum(trainer.count_supervised(_count_batch(m, aux_w, hid_w)) for m in micro)
+                count = _all_reduce(torch.tensor([float(local_count)], dtype=torch.float64, device=d.device), d)
+                normalizer = float(max(count.item(), 1.0))
+                metrics = StepMetrics.zeros(m_cfg.num_depths)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+                tokens = 0
+                for j, m in enumerate(micro):
+                    batch = _full_batch(m, source, d.device)
+                    tokens += m.tokens
+                    last_micro = j == len(micro) - 1
+                    if m_cfg.sequence_partitions == 1:
+                        units: list[Any] = [None]
+                        plan = None
+                    else:
                         with autocast():
-                            res = (
-                                model(batch, normalizer)
-                                if plan is None
-                                else model(batch, normalizer, segment=(plan, u))
-                            )
-                        res.loss.backward()
-                    metrics = metrics + res.metrics
-                del batch, plan
-            grad_norm = float("nan")
-            if o.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.epoch, state.row_in_epoch = epoch, row + rows_per_step
-            if state.row_in_epoch + rows_per_step > len(data.epoch_rows(epoch)):
-                state.epoch, state.row_in_epoch = epoch + 1, 0
-            stop_now = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
-            packed = torch.cat(
-                [metrics.as_tensor().reshape(-1), torch.tensor([float(tokens), float(stop_now)], dtype=torch.float64)]
-            )
-            packed = _all_reduce(packed.to(d.device), d).cpu()
-            k = m_cfg.num_depths
-            summary = StepMetrics.from_tensor(packed[: 3 * k].reshape(3, k)).summary()
-            now = time.perf_counter()
-            record = {
-                "step": state.step,
-                "epoch": epoch,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": int(packed[3 * k]),
-                "step_s": now - t_start,
-                "tokens_per_s": float(packed[3 * k]) / max(now - t_start, 1e-9),
-                **{kk: v for kk, v in summary.items() if not kk.startswith("n_")},
-            }
-            result.last_metrics = record
-            if state.step % t_cfg.log_every == 0 or state.step == total:
-                logger.log(record, "train")
-            logger.progress(record, k)
-            stop_now = bool(packed[3 * k + 1] > 0)
-            if t_cfg.eval_every and state.step % t_cfg.eval_every == 0 and state.step < total and not stop_now:
-                result.last_val = evaluate_now()
-            if stop_now:
-                result.interrupted = True
-                break
-            if t_cfg.save_every and state.step % t_cfg.save_every == 0 and state.step < total:
+                            plan = trainer.plan(batch)
+                        units = list(range(len(plan.units)))
+                    for u in units:
+                        last = last_micro and u == units[-1]
+                        sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
+                        with sync:
+                            with autocast():
+                                res = (
+                                    model(batch, normalizer)
+                                    if plan is None
+                                    else model(batch, normalizer, segment=(plan, u))
+                                )
+                            res.loss.backward()
+                        loss_sum += res.loss.detach().double()
+                        metrics = metrics + res.metrics
+                    del batch, plan
+                grad_norm = _grad_norm(params, o.grad_clip)  # global: DDP gradients are already reduced
+                step_loss = float(_all_reduce(loss_sum.reshape(1), d).item())
+                lr = optimizer.param_groups[0]["lr"]
+                nonfinite = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+                if nonfinite:
+                    what = f"loss ({step_loss})" if not math.isfinite(step_loss) else f"gradient norm ({grad_norm})"
+                    optimizer.zero_grad(set_to_none=True)
+                    if t_cfg.on_nonfinite == "stop":
+                        raise NonFiniteError(
+                            f"non-finite {what} at step {state.step + 1} (epoch {epoch}): stopped before the "
+                            f"update, nothing of it was saved (newest checkpoint: {newest_checkpoint()}); lower "
+                            "optim.lr or check the data, or set train.on_nonfinite: skip to skip such steps"
+                        )
+                    skipped += 1
+                    state.extra["nonfinite_skipped"] = skipped
+                    logger.write(
+                        f"step {state.step + 1}: non-finite {what}: skipped (no optimizer update; "
+                        f"{skipped} skipped so far)"
+                    )
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.epoch, state.row_in_epoch = epoch, row + rows_per_step
+                if state.row_in_epoch + rows_per_step > len(data.epoch_rows(epoch)):
+                    state.epoch, state.row_in_epoch = epoch + 1, 0
+                stop_now = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
+                extra = torch.tensor([float(tokens), float(stop_now)], dtype=torch.float64)
+                packed = torch.cat([metrics.as_tensor().reshape(-1), extra])
+                packed = _all_reduce(packed.to(d.device), d).cpu()
+                k = m_cfg.num_depths
+                summary = StepMetrics.from_tensor(packed[: 3 * k].reshape(3, k)).summary()
+                now = time.perf_counter()
+                record = {
+                    "step": state.step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "skipped": nonfinite,
+                    "tokens": int(packed[3 * k]),
+                    "step_s": now - t_start,
+                    "tokens_per_s": float(packed[3 * k]) / max(now - t_start, 1e-9),
+                    **{kk: v for kk, v in summary.items() if not kk.startswith("n_")},
+                }
+                result.last_metrics = record
+                if state.step % t_cfg.log_every == 0 or state.step == total:
+                    logger.log(record, "train")
+                logger.progress(record, k)
+                stop_now = bool(packed[3 * k + 1] > 0)
+                if t_cfg.eval_every and state.step % t_cfg.eval_every == 0 and state.step < total and not stop_now:
+                    result.last_val = evaluate_now()
+                if stop_now:
+                    result.interrupted = True
+                    break
+                if t_cfg.save_every and state.step % t_cfg.save_every == 0 and state.step < total:
+                    result.checkpoint = save()
+            result.step = state.step
+            if result.interrupted:
+                logger.write(f"interrupted at step {state.step}: saving a checkpoint")
+            if state.step != last_saved:
                 result.checkpoint = save()
-        result.step = state.step
-        if result.interrupted:
-            logger.write(f"interrupted at step {state.step}: saving a checkpoint")
-        if state.step != last_saved:
-            result.checkpoint = save()
-        if not result.interrupted:
-            result.last_val = evaluate_now() or result.last_val
-            if d.main:
-                from .export import export_draft
+            if not result.interrupted:
+                result.last_val = evaluate_now() or result.last_val
+                if d.main:
+                    from .export import export_draft
 
-                result.export_dir = export_draft(draft, out / FINAL_DIR)
-                logger.write(f"exported the draft to {result.export_dir}")
-            if d.active:
-                dist.barrier()
-    logger.close()
+                    result.export_dir = export_draft(draft, out / FINAL_DIR, overwrite=True)
+                    logger.write(f"exported the draft to {result.export_dir}")
+                    if result.checkpoint is None:
+                        existing = list_checkpoints(out)
+                        result.checkpoint = existing[-1][1] if existing else None
+                    result.skipped_steps = skipped
+                    result.report = write_report(out, cfg, result, draft.config)
+                    logger.write(f"report: {result.report}")
+                if d.active:
+                    dist.barrier()
+    finally:
+        logger.close()
+    result.skipped_steps = skipped
     if result.checkpoint is None:
         existing = list_checkpoints(out)
         result.checkpoint = existing[-1][1] if existing else None

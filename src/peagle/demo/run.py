@@ -206,27 +206,10 @@ def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
 
 def _training_plots(train_recs: list[dict], val_recs: list[dict], k: int, out: Path) -> dict[str, str]:
-    """loss curve, per-depth accuracy, AL during training (PNG paths by name)."""
+    """loss curve, per-depth accuracy, AL during training (PNG paths by name): the plots `peagle train` writes."""
     from peagle import plots
 
-    files: dict[str, str] = {}
-    steps = [r["step"] for r in train_recs]
-    if not steps:
-        return files
-    v_loss = [r for r in val_recs if "loss" in r]
-    files["loss"] = str(plots.plot_loss_curve(
-        steps, [r["loss"] for r in train_recs], out / "loss.png",
-        val_steps=[r["step"] for r in v_loss], val_losses=[r["loss"] for r in v_loss]))
-    files["depth_accuracy"] = str(plots.plot_depth_accuracy(
-        steps, {d: [r.get(f"acc_{d}") for r in train_recs] for d in range(k)}, out / "depth_accuracy.png",
-        title="Top-1 agreement with the target per depth (training batches)"))
-    v_al = [r for r in val_recs if "acceptance_length" in r]
-    if v_al:
-        files["al_during_training"] = str(plots.plot_lines(
-            out / "al_during_training.png", [r["step"] for r in v_al],
-            {f"K={kk}": [r.get(f"al_k{kk}") for r in v_al] for kk in range(1, k + 1)},
-            ylabel="mean acceptance length", title="Acceptance length on held-out prompts during training"))
-    return files
+    return plots.training_plots(train_recs, val_recs, k, out)
 
 
 # ------------------------------------------------------------------------------------------------

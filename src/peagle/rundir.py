@@ -1,0 +1,224 @@
+"""Output paths and run directories: usable-destination checks, the run lock, what peagle wrote.
+
+peagle never deletes or overwrites what it did not write. Every command that writes a directory
+checks its destination first (:func:`check_output_dir`, :func:`check_output_file`), so a path that
+names a file, lies under a file, or cannot be written is one clear error before any work starts.
+A training run holds an exclusive ``fcntl`` lock on ``<output_dir>/.peagle.lock`` (:class:`RunLock`)
+for its whole life: a second run on the same directory refuses, naming the holder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOCK_FILE",
+    "OutputPathError",
+    "RunLock",
+    "RunLockError",
+    "check_output_dir",
+    "check_output_file",
+    "describe_entries",
+    "describe_os_error",
+    "foreign_entries",
+]
+
+LOCK_FILE = ".peagle.lock"
+
+
+class OutputPathError(ValueError):
+    """A destination that cannot be used (a file where a directory is needed, unwritable, foreign content)."""
+
+
+class RunLockError(ValueError):
+    """Another process holds the run directory's lock."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """A short human reason for an OSError: 'disk full (No space left on device)', 'permission denied', ..."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        return f"disk full ({reason})"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded ({reason})"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({reason})"
+    if e.errno == errno.EROFS:
+        return f"read-only file system ({reason})"
+    return reason
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path("/")  # pragma: no cover - "/" always exists
+
+
+def _check_parent_chain(path: Path, what: str) -> None:
+    anc = _existing_ancestor(path)
+    if not anc.is_dir():
+        raise OutputPathError(f"{what} {path} is under {anc}, which is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{what} {path}: cannot create it, {anc} is not writable")
+
+
+def check_output_dir(path: str | Path, what: str) -> Path:
+    """``path`` if it is (or can be created as) a writable directory, else :class:`OutputPathError`.
+
+    ``what`` names the option in the message (e.g. ``"train.output_dir"``, ``"--out"``).
+    Creates nothing.
+    """
+    p = Path(path)
+    if p.exists():
+        if not p.is_dir():
+            raise OutputPathError(f"{what} {p} is a file, not a directory")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{what} {p} is not writable")
+        return p
+    if p.is_symlink():
+        raise OutputPathError(f"{what} {p} is a broken symbolic link")
+    _check_parent_chain(p, what)
+    return p
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """``path`` if a file can be written there (not a directory, parent usable), else :class:`OutputPathError`."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{what} {p} is a directory, not a file")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise OutputPathError(f"{what} {p} is not writable")
+        return p
+    parent = p.absolute().parent
+    if parent.exists():
+        if not parent.is_dir():
+            raise OutputPathError(f"{what} {p} is under {parent}, which is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{what} {p}: cannot create it, {parent} is not writable")
+        return p
+    _check_parent_chain(p, what)
+    return p
+
+
+def describe_entries(names: Iterable[str], root: Path, limit: int = 5) -> str:
+    """``"a.txt, model/, … and 3 more"``: the first ``limit`` names (directories with a slash)."""
+    names = sorted(names)
+    shown = [n + ("/" if (root / n).is_dir() else "") for n in names[:limit]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f", … and {more} more" if more > 0 else "")
+
+
+def foreign_entries(directory: str | Path, owned: Callable[[str], bool]) -> list[str]:
+    """Names in ``directory`` that ``owned(name)`` does not claim (empty when it does not exist)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not owned(p.name))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run lock
+
+
+class RunLock:
+    """Exclusive advisory lock on ``<directory>/.peagle.lock`` (``fcntl.flock``), released on exit.
+
+    The lock file holds the holder's pid, host, start time and command line (JSON). The kernel
+    releases the lock when the holder dies, however it dies, so a stale file never blocks a run.
+    """
+
+    def __init__(self, directory: str | Path, what: str = "train.output_dir") -> None:
+        self.directory = Path(directory)
+        self.what = what
+        self.path = self.directory / LOCK_FILE
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def acquire(self) -> RunLock:
+        """Take the lock (creating the directory if needed) or raise :class:`RunLockError`."""
+        check_output_dir(self.directory, self.what)
+        if not self.directory.exists():
+            try:
+                self.directory.mkdir(parents=True)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise OutputPathError(self._where(f"cannot create it: {describe_os_error(e)}")) from None
+            else:
+                self._created_dir = True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputPathError(self._where(f"cannot create {LOCK_FILE}: {describe_os_error(e)}")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLockError(
+                    f"{self.what} {self.directory} is in use by another peagle run ({self.holder()}); "
+                    f"wait for it to finish, stop it, or choose another {self.what}"
+                ) from None
+            raise OutputPathError(self._where(f"cannot lock {LOCK_FILE}: {describe_os_error(e)}")) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "started_unix": time.time(),
+            "argv": sys.argv,
+        }
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise OutputPathError(self._where(f"cannot write {LOCK_FILE}: {describe_os_error(e)}")) from None
+        self._fd = fd
+        return self
+
+    def _where(self, text: str) -> str:
+        return f"{self.what} {self.directory}: {text}"
+
+    def holder(self) -> str:
+        """'pid 123 on host, started 2024-01-01 12:00:00 UTC' from the lock file (best effort)."""
+        try:
+            info: dict[str, Any] = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info.get("pid"):
+            return "holder unknown: it is starting up"
+        return f"pid {info['pid']} on {info.get('host', '?')}, started {info.get('started', '?')}"
+
+    def release(self) -> None:
+        """Drop the lock; a directory this lock created and nothing else wrote into is removed again."""
+        if self._fd is None:
+            return
+        try:
+            if self._created_dir and [p.name for p in self.directory.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                self.directory.rmdir()
+        except OSError:  # pragma: no cover - best effort
+            pass
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
