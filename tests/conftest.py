@@ -81,3 +81,24 @@ def chat_jsonl(tmp_path_factory):
     p = tmp_path_factory.mktemp("chat_data") / "chats.jsonl"
     p.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
     return p
+
+
+def build_chat_tokenizer(out_dir, template, specials, *, bos=None, eos=None, pad=None, vocab_size=400):
+    """A byte-level BPE tokenizer trained on CORPUS with the given special tokens and chat template,
+    saved to ``out_dir`` (what a real target directory holds); returns ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(CORPUS), trainer=trainer)
+    named = {k: v for k, v in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad)) if v}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=[
+        s for s in specials if s not in named.values()], clean_up_tokenization_spaces=False, **named)
+    hf.chat_template = template
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out_dir)
+    return out_dir

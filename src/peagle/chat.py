@@ -24,6 +24,7 @@ role and field, and a ``reason`` (the bucket ``prepare --on-error skip`` counts 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -124,8 +125,9 @@ def _tool_calls(calls: Any, what: str) -> list[dict[str, Any]]:
             raise ChatFormatError(f"{here} needs function.name (a string)", BAD_TOOL_CALL)
         fn = dict(fn)
         if "arguments" in fn:
-            args = _parse_json_string(fn["arguments"], f"{here}.function.arguments")
-            fn["arguments"] = {} if args is None else args
+            args = fn["arguments"]
+            args = {} if args is None or (isinstance(args, str) and not args.strip()) else args  # no arguments
+            fn["arguments"] = _parse_json_string(args, f"{here}.function.arguments")
         elif "parameters" in fn:  # some datasets name them like Llama's rendering
             fn["arguments"] = _parse_json_string(fn.pop("parameters"), f"{here}.function.parameters")
         else:
@@ -177,7 +179,7 @@ def normalize_message(message: Mapping[str, Any], index: int, role: str) -> dict
 def template_messages(messages: list[dict[str, Any]], template: str) -> list[dict[str, Any]]:
     """Messages as ``template`` reads them: the reasoning (kept as ``reasoning_content``) is also
     given as ``reasoning`` / ``thinking`` when the template reads those names."""
-    aliases = [k for k in REASONING_FIELDS[1:] if k in template]
+    aliases = [k for k in REASONING_FIELDS[1:] if re.search(rf"\b{k}\b", template)]
     if not aliases:
         return messages
     out = []
