@@ -67,8 +67,15 @@ def check_export_destination(out: str | Path, *, overwrite: bool = False, what: 
         if overwrite:
             return out
         raise ExportError(f"{what} {out} already holds a peagle export; pass --overwrite to replace it")
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        kind = f"a peagle run directory with {len(ckpts)} checkpoint(s): "
+    elif (out / "config.json").is_file() and (any(out.glob("*.safetensors")) or any(out.glob("*.bin"))):
+        kind = "a model directory: "
+    else:
+        kind = ""
     raise ExportError(
-        f"{what} {out} is not empty and is not a peagle export (it holds {describe_entries(entries, out)}); "
+        f"{what} {out} is not empty and is not a peagle export (it holds {kind}{describe_entries(entries, out)}); "
         "nothing was written: choose a new or empty directory (--overwrite only replaces a previous export)"
     )
 

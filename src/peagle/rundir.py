@@ -112,8 +112,9 @@ def check_output_file(path: str | Path, what: str) -> Path:
 
 
 def describe_entries(names: Iterable[str], root: Path, limit: int = 5) -> str:
-    """``"a.txt, model/, … and 3 more"``: the first ``limit`` names (directories with a slash)."""
-    names = sorted(names)
+    """``"model/, a.txt, … and 3 more"``: the first ``limit`` names, directories (with a slash) first,
+    hidden names last."""
+    names = sorted(names, key=lambda n: (n.startswith("."), not (root / n).is_dir(), n))
     shown = [n + ("/" if (root / n).is_dir() else "") for n in names[:limit]]
     more = len(names) - len(shown)
     return ", ".join(shown) + (f", … and {more} more" if more > 0 else "")
