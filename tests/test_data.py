@@ -338,3 +338,185 @@ def test_empty_dataset_after_filtering_lists_reasons(chat_tokenizer_dir, tmp_pat
 def test_prepare_max_length_smaller_than_prompt(chat_tokenizer_dir, chat_jsonl, tmp_path):
     with pytest.raises(DataError, match=f"{PROMPT_TOO_LONG}: 4"):
         prepare(chat_jsonl, chat_tokenizer_dir, tmp_path / "out", max_length=4, progress=False)
+
+
+# ------------------------------------------------------------------ bad records, encodings, splits
+
+
+def _bad_file(tmp_path):
+    """Good records on lines 1, 3, 6, 8; bad ones: malformed JSON (2), non-UTF-8 (4), an image part
+    (5), unknown role (7)."""
+    good = [json.dumps({"messages": c}).encode() for c in CHATS]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "a"}]}
+    lines = [good[0], b'{"messages": [', good[1], b'{"messages": "caf\xe9"}', json.dumps(image).encode(),
+             good[2], json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), good[3]]
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    return p
+
+
+def test_strict_mode_names_file_line_and_how_to_skip(chat_tokenizer_dir, tmp_path):
+    p = _bad_file(tmp_path)
+    with pytest.raises(DataError) as e:
+        prepare(p, chat_tokenizer_dir, tmp_path / "out", progress=False)
+    assert str(e.value) == (f"{p}:2: malformed JSON (Expecting value at column 15); to skip bad records and "
+                            "list them in the summary, pass --on-error skip")
+    assert not (tmp_path / "out").exists() and [x.name for x in tmp_path.iterdir()] == ["mixed.jsonl"]
+
+
+def test_skip_mode_counts_bad_records_by_reason(chat_tokenizer_dir, chat_tokenizer, tmp_path):
+    p = _bad_file(tmp_path)
+    s = prepare(p, chat_tokenizer_dir, tmp_path / "out", on_error="skip", progress=False)
+    assert (s.read, s.records_kept, s.kept) == (8, 4, 4)
+    assert s.bad_records == {"malformed_json": 1, "not_utf8": 1, "non_text_content": 1, "unknown_role": 1}
+    assert s.bad_examples == [
+        f"{p}:2: malformed JSON (Expecting value at column 15)",
+        f"{p}:4: not valid UTF-8 (byte 0xe9 at column 18); re-encode the file as UTF-8",
+        f"{p}:5: message 0 (user): content part 0 has type 'image_url'; peagle trains on text only (text parts: "
+        "input_text, output_text, refusal, text)",
+        f"{p}:7: unknown role 'wizard' (expected one of ['assistant', 'developer', 'system', 'tool', 'user'])",
+    ]
+    text = s.format_summary()
+    assert "records read: 8 (4 bad, skipped)" in text and "bad records skipped: 4" in text
+    assert "  not_utf8: 1" in text and f"  e.g. {p}:4: not valid UTF-8" in text
+    data = load_prepared(tmp_path / "out")
+    assert data.manifest["on_error"] == "skip"
+    assert data.manifest["bad_records"] == {"counts": s.bad_records, "first": s.bad_examples}
+    assert [data[i]["input_ids"] for i in range(4)] == [tokenize_chat(chat_tokenizer, c, 2048).input_ids
+                                                        for c in CHATS]
+    few = prepare(p, chat_tokenizer_dir, tmp_path / "few", on_error="skip", max_errors_shown=2, progress=False)
+    assert len(few.bad_examples) == 2 and sum(few.bad_records.values()) == 4
+
+
+def test_utf8_bom_is_a_normal_file_and_bad_bytes_name_the_line(chat_tokenizer_dir, tmp_path):
+    body = "".join(json.dumps({"messages": c}) + "\n" for c in CHATS)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"messages": c} for c in CHATS]).encode())
+    assert [r.messages for r in read_records(tmp_path / "bom.jsonl")] == CHATS
+    assert [r.messages for r in read_records(tmp_path / "bom.json")] == CHATS
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'[\n{"messages": []},\n{"messages": "\xff"}\n]')
+    with pytest.raises(DataError, match=r"bad\.json:3: not valid UTF-8 \(byte 0xff\)"):
+        list(read_records(bad))
+    tpl = tmp_path / "tpl.jinja"
+    tpl.write_bytes(b"\xef\xbb\xbf" + CHAT_TEMPLATE.encode())
+    s = prepare(tmp_path / "bom.jsonl", chat_tokenizer_dir, tmp_path / "out", chat_template=tpl, progress=False)
+    assert s.kept == 4 and load_prepared(tmp_path / "out").manifest["chat_template_sha256"] == \
+        __import__("hashlib").sha256(CHAT_TEMPLATE.encode()).hexdigest()
+
+
+def test_split_name_on_a_data_file(chat_jsonl, chat_tokenizer_dir, tmp_path):
+    with pytest.raises(DataError, match=r"split 'test': .*chats\.jsonl has no named splits .*use a slice"):
+        list(read_records(chat_jsonl, split="test"))
+    with pytest.raises(DataError, match="split 'validation'"):
+        prepare(chat_jsonl, chat_tokenizer_dir, tmp_path / "o", split="validation[:2]", progress=False)
+    assert [r.line for r in read_records(chat_jsonl, split="train[1:3]")] == [2, 3]
+    s = prepare(chat_jsonl, chat_tokenizer_dir, tmp_path / "o", split="[1:3]", progress=False)
+    assert s.read == 2 and load_prepared(tmp_path / "o").manifest["split"] == "[1:3]"
+
+
+# ------------------------------------------------------------------ prepare is one atomic unit
+
+
+def test_draft_vocab_and_mask_token_written_inside_the_dataset(llama_dir, chat_jsonl, chat_tokenizer, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "prep"
+    s = prepare(chat_jsonl, llama_dir, out, draft_vocab_size=40, progress=False)
+    V = len(chat_tokenizer) + 8  # tiny_target's embedding rows
+    choice = json.loads((out / "draft_vocab.json").read_text())
+    assert choice["draft_vocab_size"] == 40 and choice["vocab_size"] == V
+    assert choice["mask_token_id"] == len(chat_tokenizer)  # the first row the tokenizer never produces
+    assert load_prepared(out).manifest["draft_vocab"] == choice
+    assert (s.draft_vocab_size, s.mask_token_id) == (40, len(chat_tokenizer))
+    assert f"draft vocabulary: 40 of {V} tokens" in s.format_summary()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+
+
+def test_failed_prepare_leaves_no_dataset_and_no_temp_dir(llama_dir, chat_jsonl, chat_tokenizer, tmp_path,
+                                                          monkeypatch):
+    bos = chat_tokenizer.bos_token_id  # occurs in every example
+    with pytest.raises(DataError, match=f"mask_token_id {bos} occurs"):
+        prepare(chat_jsonl, llama_dir, tmp_path / "out", draft_vocab_size=100, mask_token_id=bos, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # A failure while writing (disk full, ...) leaves nothing either.
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        prepare(chat_jsonl, llama_dir, tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_a_prepared_dataset(chat_tokenizer_dir, chat_jsonl, tmp_path):
+    out = tmp_path / "prep"
+    prepare(chat_jsonl, chat_tokenizer_dir, out, limit=1, progress=False)
+    s = prepare(chat_jsonl, chat_tokenizer_dir, out, overwrite=True, progress=False)
+    assert s.read == 4 and len(load_prepared(out)) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["prep"]
+    foreign = tmp_path / "model"
+    foreign.mkdir()
+    (foreign / "model.safetensors").write_text("weights")
+    with pytest.raises(DataError, match=r"model is not a prepared dataset \(it holds model\.safetensors\); "
+                                        "--overwrite only replaces"):
+        prepare(chat_jsonl, chat_tokenizer_dir, foreign, overwrite=True, progress=False)
+    assert (foreign / "model.safetensors").read_text() == "weights"
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        prepare(chat_jsonl, chat_tokenizer_dir, afile, progress=False)
+    with pytest.raises(DataError, match="which is a file, not a directory"):
+        prepare(chat_jsonl, chat_tokenizer_dir, afile / "sub", progress=False)
+
+
+# ------------------------------------------------------------------ dataset ↔ target
+
+
+def swapped_vocab_tokenizer(src_dir, out_dir, a="3", b="4"):
+    """A copy of the tokenizer in ``src_dir`` whose tokens ``a`` and ``b`` swap ids: same size, same
+    class, another vocabulary."""
+    import shutil
+
+    shutil.copytree(src_dir, out_dir)
+    spec = json.loads((out_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec))
+    return out_dir
+
+
+def test_dataset_refuses_another_tokenizer_of_the_same_size(chat_tokenizer_dir, chat_jsonl, tmp_path):
+    from transformers import AutoTokenizer
+
+    from peagle.data import check_dataset_matches_target, tokenizer_fingerprint
+
+    prepare(chat_jsonl, chat_tokenizer_dir, tmp_path / "prep", progress=False)
+    manifest = load_prepared(tmp_path / "prep").manifest
+    x = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    assert manifest["tokenizer"]["vocab_sha256"] == tokenizer_fingerprint(x)["vocab_sha256"]
+    check_dataset_matches_target(manifest, x)  # its own tokenizer: fine
+    check_dataset_matches_target(manifest, chat_tokenizer_dir)
+    ydir = swapped_vocab_tokenizer(chat_tokenizer_dir, tmp_path / "y")
+    y = AutoTokenizer.from_pretrained(ydir)
+    assert len(y) == len(x) and type(y) is type(x)
+    with pytest.raises(DataError) as e:
+        check_dataset_matches_target(manifest, ydir, dataset="runs/prep")
+    msg = str(e.value)
+    assert msg.startswith(f"runs/prep was prepared for another tokenizer than {ydir}'s (vocabulary sha256 ")
+    assert "length" not in msg and "class" not in msg and "\n" not in msg
+    y.chat_template = PLAIN_TEMPLATE
+    with pytest.raises(DataError, match=r"vocabulary sha256 .*; chat template sha256"):
+        check_dataset_matches_target(manifest, y)
+    x2 = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    x2.chat_template = PLAIN_TEMPLATE
+    with pytest.raises(DataError, match=r"\(chat template sha256 [0-9a-f]{12}… vs [0-9a-f]{12}…\)"):
+        check_dataset_matches_target(manifest, x2)
+    # prepared with --chat-template: the target's own template is not compared
+    prepare(chat_jsonl, chat_tokenizer_dir, tmp_path / "p2", chat_template=PLAIN_TEMPLATE, progress=False)
+    check_dataset_matches_target(load_prepared(tmp_path / "p2").manifest, x)

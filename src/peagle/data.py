@@ -266,7 +266,7 @@ def _iter_jsonl(path: Path) -> Iterator[_Item]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield RecordError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})",
                                   MALFORMED_JSON, str(path), lineno)
@@ -563,9 +563,9 @@ def _serving_forms(
             before = render(i, True)
             p = _first_difference(before, upto)
             return turns, (
-                f"the chat template renders the {i} messages before assistant message {i} differently once "
-                f"that message is added (first difference at character {p}: {before[p:p + 24]!r} vs "
-                f"{upto[p:p + 24]!r}), so its tokens cannot be located; use a template with "
+                f"the chat template renders the conversation before assistant message {i} differently once "
+                f"that message is added (first difference at character {p}: {before[p:p + 30]!r} vs "
+                f"{upto[p:p + 30]!r}), so its tokens cannot be located; use a template with "
                 "{% generation %} blocks (--chat-template FILE)"
             )
         turns.append(_Turn(i, upto, start, len(upto.rstrip())))
