@@ -530,23 +530,15 @@ def _first_difference(a: str, b: str) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def _serving_forms(
-    tokenizer: Any, messages: list[dict], template: str, tools: Any, kwargs: Mapping[str, Any] | None
-) -> tuple[list[_Turn], str | None]:
+def _serving_forms(messages: list[dict], render: Callable[[int, bool], str]) -> tuple[list[_Turn], str | None]:
     """Every assistant turn rendered as the last message after its history, with its generated span.
 
     The span starts after render(messages[:i], add_generation_prompt=True) (so the assistant header
     the server writes is not supervised), or after render(messages[:i]) for templates without a
     generation prompt. Returns (turns, None), or (turns so far, why) when a turn's history is not a
     prefix of its own rendering (e.g. a template that prints the message count first).
+    ``render(n, gen)`` renders messages[:n] (with the generation prompt when ``gen``).
     """
-    cache: dict[tuple[int, bool], str] = {}
-
-    def render(n: int, gen: bool) -> str:
-        if (n, gen) not in cache:
-            cache[(n, gen)] = _render(tokenizer, messages[:n], template, tools, gen, kwargs)
-        return cache[(n, gen)]
-
     turns: list[_Turn] = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -662,30 +654,38 @@ def tokenize_chat_examples(
     has_gen = bool(_GENERATION_TAG.search(template))
     kw = dict(template_kwargs or {})
 
-    def encode(text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int], Any]:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), _mask_from_spans(enc["offset_mapping"], spans), enc["offset_mapping"]
+    cache: dict[tuple[int, bool], str] = {}
 
-    def generation_mask(upto: int, ids: list[int]) -> list[int] | None:
-        out = tokenizer.apply_chat_template(msgs[:upto], tools=tools, chat_template=template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True, **kw)
-        gm = list(out["assistant_masks"])
-        return gm if list(out["input_ids"]) == ids and any(gm) else None
+    def render(n: int, gen: bool) -> str:
+        if (n, gen) not in cache:
+            cache[(n, gen)] = _render(tokenizer, msgs[:n], template, tools, gen, kw)
+        return cache[(n, gen)]
+
+    def encode(upto: int, text: str) -> tuple[list[int], Any, list[int] | None]:
+        """(ids, offsets, the template's {% generation %} mask or None) of render(msgs[:upto])."""
+        if has_gen:  # one call gives ids, offsets and the template's own mask
+            out = tokenizer.apply_chat_template(msgs[:upto], tools=tools, chat_template=template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True, **kw)
+            if out.encodings:
+                gm = list(out["assistant_masks"])
+                return list(out["input_ids"]), out.encodings[0].offsets, gm if any(gm) else None
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), enc["offset_mapping"], None
 
     try:
         try:
-            turns, problem = _serving_forms(tokenizer, msgs, template, tools, kw)
+            turns, problem = _serving_forms(msgs, render)
         except Exception as e:
             if not has_gen:
                 raise
             turns, problem = [], str(e).splitlines()[0] if str(e) else type(e).__name__
-        full = _render(tokenizer, msgs, template, tools, False, kw)
+        full = render(len(msgs), False)
         examples: list[TokenizedExample] = []
         if problem is not None:
             if not has_gen:
                 return ChatTokenization([TokenizedExample([], [], TEMPLATE_NOT_INCREMENTAL, error=problem)])
-            ids, _, _ = encode(full, [])
-            gm = generation_mask(len(msgs), ids) or [0] * len(ids)
+            ids, _, gm = encode(len(msgs), full)
+            gm = gm or [0] * len(ids)
             examples.append(_finish(ids, _keep_last_run(gm) if last_turn_only else gm, max_length, truncate))
             strategy = GENERATION_FULL
         else:
@@ -698,13 +698,12 @@ def tokenize_chat_examples(
                 strategy = PER_TURN
                 groups = [(g[-1].text, g[-1].index + 1, g) for g in _group_turns(chosen)]
             for text, upto, group in groups:
-                ids, mask, offsets = encode(text, [(t.start, t.end) for t in group])
-                if has_gen:
-                    gm = generation_mask(upto, ids)
-                    if gm is not None:  # the template's own marks, inside the supervised turns only
-                        region = _mask_from_spans(offsets, [(t.start, len(t.text)) for t in group])
-                        inside = [a & b for a, b in zip(gm, region, strict=True)]
-                        mask = inside if any(inside) else mask
+                ids, offsets, gm = encode(upto, text)
+                mask = _mask_from_spans(offsets, [(t.start, t.end) for t in group])
+                if gm is not None:  # the template's own marks, inside the supervised turns only
+                    region = _mask_from_spans(offsets, [(t.start, len(t.text)) for t in group])
+                    inside = [a & b for a, b in zip(gm, region, strict=True)]
+                    mask = inside if any(inside) else mask
                 examples.append(_finish(ids, mask, max_length, truncate))
             if not examples:
                 examples.append(TokenizedExample([], [], NO_SUPERVISED))
