@@ -327,7 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--no-progress" in argv:  # also silence transformers' weight-loading and hub bars
         from .train import quiet_hf_progress
 
-        quiet_hf_progress()
+        with quiet_hf_progress():
+            return _dispatch(argv)
+    return _dispatch(argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in ("eval", "demo"):
         return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
     parser = build_parser()

@@ -842,21 +842,32 @@ def _positions(data: _Data, state: TrainState, total: int) -> Iterator[tuple[int
         row += data.rows_per_step
 
 
-def quiet_hf_progress() -> None:
-    """Silence transformers' and huggingface_hub's progress bars (weight loading, downloads)."""
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' and huggingface_hub's progress bars (weight loading, downloads) inside the block.
+
+    The previous state (environment variable and both libraries' switches) is restored on exit.
+    """
+    env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        from transformers.utils import logging as hf_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hub_was_off = are_progress_bars_disabled()
+    tf_was_on = hf_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
     try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+        yield
+    finally:
+        if tf_was_on:
+            hf_logging.enable_progress_bar()
+        if not hub_was_off:
+            enable_progress_bars()
+        if env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = env
 
 
 def train(
@@ -883,13 +894,12 @@ def train(
         raise ConfigError(f"model.target: {cfg.model.target} is not a model directory (no config.json)")
     check_output_dir(out, "train.output_dir")
     accepted = parse_accept_changes(list(accept_changes))
-    if not cfg.train.progress:
-        quiet_hf_progress()
     lock = RunLock(out, "train.output_dir") if int(os.environ.get("RANK", "0")) == 0 else None
     if lock is not None:
         lock.acquire()
     try:
-        return _train_locked(cfg, out, resume, stop_after, accepted)
+        with contextlib.nullcontext() if cfg.train.progress else quiet_hf_progress():
+            return _train_locked(cfg, out, resume, stop_after, accepted)
     finally:
         if lock is not None:
             lock.release()
