@@ -396,3 +396,22 @@ def test_vllm_counts_and_useful_counts(draft, cset):
                 a += mv + 1
     with pytest.raises(EvalError, match="lookahead"):
         _rounds_by_k(cset.head(1).__class__(**{**cset.head(1).__dict__, "lookahead": [[]]}), tables[:1], K_MAX)
+
+
+def test_cli_uses_the_drafts_own_aux_layers(target, llama_dir, tmp_path):
+    """A draft trained on non-default aux layers (listed out of order) is evaluated on exactly those layers,
+    in increasing order: the JSON equals an evaluation on a Target built with the sorted ids."""
+    ids = [4, 0, 1]
+    d = _new_draft(target, seed=3, aux_layer_ids=ids)
+    assert d.config.aux_layer_ids == [0, 1, 4]
+    d.save_pretrained(tmp_path / "draft")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    assert cli_main(["--target", str(llama_dir), "--draft", str(tmp_path / "draft"), "--prompts", str(prompts),
+                     "--max-new-tokens", "8", "--json", str(tmp_path / "e.json"), "--device", "cpu",
+                     "--no-progress"]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())
+    want = evaluate(Target(llama_dir, device="cpu", aux_layer_ids=(0, 1, 4)), d, str(prompts), 8, progress=False,
+                    print_report=False)
+    assert got["acceptance_length"] == {str(k): v for k, v in want.acceptance_length.items()}
+    assert [p["accepted_per_round"] for p in got["prompts"]] == [p["accepted_per_round"] for p in want.prompts]

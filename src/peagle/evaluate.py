@@ -1081,8 +1081,10 @@ def compare_with_vllm(
 
     budgets = [min(cs.max_new_tokens, max_context - len(p)) for p in cs.prompt_ids]
     stops = stop_token_ids(target, _load_tokenizer(target))
+    # room for the longest request and its last round's drafts, not the model's whole context (KV memory)
+    engine_len = min(max_context, max(len(p) + b for p, b in zip(cs.prompt_ids, budgets, strict=True)) + k + 1)
     served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
-                             max_model_len=max_context)
+                             max_model_len=engine_len)
     out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}}
     for kk, res in served.items():
         offline = [m for r in rounds for m in r[kk]]
@@ -1095,7 +1097,7 @@ def compare_with_vllm(
         out["agrees"] &= agrees
         if not agrees:
             alone = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, [kk],
-                                    max_model_len=max_context, per_prompt=True)[kk]["per_prompt"]
+                                    max_model_len=engine_len, per_prompt=True)[kk]["per_prompt"]
             out["differences"][str(kk)] = [
                 {"index": j, "offline_drafts": len(r[kk]), "offline_accepted": sum(r[kk]),
                  "vllm_drafts": row["num_drafts"], "vllm_accepted": row["num_accepted_tokens"]}
