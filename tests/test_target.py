@@ -135,3 +135,23 @@ def test_not_a_causal_lm(tmp_path, chat_tokenizer):
               intermediate_size=32).save_pretrained(tmp_path / "vit")
     with pytest.raises(TargetError, match=r"vit is not a causal LM \(model_type='vit'"):
         Target(tmp_path / "vit", device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_target_parts_equal_the_loaded_model(kind, llama_dir, qwen3_dir):
+    """Training from a cache reads only embeddings, final norm and lm_head from the safetensors files:
+    the same tensors and the same TargetHead logits as the whole loaded model."""
+    from peagle.target import TargetParts
+
+    path = llama_dir if kind == "llama" else qwen3_dir
+    full = Target(path, device="cpu")
+    parts = TargetParts(path)
+    assert parts.aux_layer_ids == full.aux_layer_ids and parts.vocab_size == full.vocab_size
+    assert parts.hidden_size == full.hidden_size and parts.norm_eps == full.norm_eps
+    assert torch.equal(parts.embed_weight, full.embed_weight) and torch.equal(parts.lm_head_weight, full.lm_head_weight)
+    t2d = torch.zeros(full.vocab_size, dtype=torch.bool)
+    t2d[::3] = True
+    final = torch.randn(5, full.hidden_size)
+    torch.testing.assert_close(parts.head(t2d)(final), full.head(t2d)(final), rtol=0, atol=0)
+    with pytest.raises(TargetError, match="no such path"):
+        TargetParts(path / "missing")

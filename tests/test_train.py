@@ -266,3 +266,23 @@ def test_offline_cache_mode(llama_dir: Path, chats: Path, tmp_path: Path) -> Non
     )
     result = train(load_config(cfg))
     assert result.export_dir is not None and result.last_metrics["loss"] > 0
+
+
+def test_offline_cache_never_loads_the_target_model(llama_dir: Path, chats: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a state cache the trainer reads only embeddings, final norm and lm_head (a 70B target's decoder
+    never has to fit on a training rank): loading the whole model is made to fail, training still runs."""
+    import transformers
+
+    data = _prepare(llama_dir, chats, tmp_path / "prep", "--cache", str(tmp_path / "cache"), "--device", "cpu")
+    cfg = _config(tmp_path, data, llama_dir, "parts", train={"max_steps": 2},
+                  data={"dataset": str(data), "max_length": 96, "cache": str(tmp_path / "cache")})
+    first = train(load_config(cfg)).last_metrics["loss"]
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the whole target model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    cfg2 = _config(tmp_path, data, llama_dir, "parts2", train={"max_steps": 2},
+                   data={"dataset": str(data), "max_length": 96, "cache": str(tmp_path / "cache")})
+    assert train(load_config(cfg2)).last_metrics["loss"] == first

@@ -284,8 +284,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"optim.betas = {o.betas} must be two numbers in [0, 1)")
     if m.freeze_lm_head and not m.init_lm_head_from_target:
         raise ConfigError("model.freeze_lm_head needs model.init_lm_head_from_target: true (else lm_head stays random)")
-    if m.aux_layer_ids is not None and (len(m.aux_layer_ids) != 3 or min(m.aux_layer_ids) < 0):
-        raise ConfigError(f"model.aux_layer_ids = {m.aux_layer_ids} must be three non-negative layer ids")
+    if m.aux_layer_ids is not None and (len(set(m.aux_layer_ids)) != 3 or min(m.aux_layer_ids) < 0):
+        raise ConfigError(f"model.aux_layer_ids = {m.aux_layer_ids} must be three distinct non-negative layer ids "
+                          "(vLLM collapses repeated ids)")
     if not cfg.train.output_dir:
         raise ConfigError("missing required key 'train.output_dir'")
 

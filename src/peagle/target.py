@@ -150,6 +150,7 @@ class Target:
         model.eval()
         model.to(device)
         self.model = model
+        self.hf_config = model.config  # the whole config (architectures, name_or_path); `config`: the text part
         self.config = getattr(config, "text_config", None) or config
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
         layers = getattr(decoder, "layers", None)
@@ -261,3 +262,97 @@ class Target:
         w = self.lm_head.weight.detach()
         return TargetHead.from_weights(self.final_norm.weight.detach(), self.norm_eps, w,
                                        None if t2d is None else t2d.to(w.device))
+
+    @property
+    def embed_weight(self) -> Tensor:
+        """The input embedding matrix [V, Ht] (a draft may start from it)."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self.lm_head.weight.detach()
+
+
+class TargetParts:
+    """What training from a state cache needs of the target, read straight from its safetensors files:
+    config, input embeddings, final norm and lm_head — never the decoder layers.
+
+    A 70B target's cache trains with a few GB of target weights on each rank instead of the whole model.
+    Same interface as `Target` for the trainer (hf_config, config, aux_layer_ids, vocab_size, hidden_size,
+    embed_weight, lm_head_weight, head); it cannot compute states (use the cache).
+    """
+
+    def __init__(self, path: str | Path, *, aux_layer_ids: Sequence[int] | None = None,
+                 dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> None:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise TargetError(f"target {path}: {_describe(self.path)} (expected a local Hugging Face model directory)")
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise TargetError(f"target {path} is not a Hugging Face model directory: {_first_line(e)}") from None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.hf_config, self.config = config, text
+        files = _weight_files(self.path)
+        names = {k: f for f, keys in files.items() for k in keys}
+        embed = min((k for k in names if k.endswith("embed_tokens.weight")), key=len, default=None)
+        if embed is None:
+            raise TargetError(f"target {path}: no '*embed_tokens.weight' tensor in its safetensors files")
+        prefix = embed[: -len("embed_tokens.weight")]
+        norm = prefix + "norm.weight"
+        head = min((k for k in names if k.endswith("lm_head.weight")), key=len, default=None)
+        if norm not in names:
+            raise TargetError(f"target {path}: no final norm tensor {norm!r} beside {embed!r}")
+        if head is None and not getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+            raise TargetError(f"target {path}: no lm_head.weight and tie_word_embeddings is false")
+
+        def read(key: str) -> Tensor:
+            with safe_open(str(names[key]), framework="pt") as f:
+                return f.get_tensor(key).to(dtype)
+
+        self._embed = read(embed)
+        self._norm = read(norm)
+        self._head = read(head) if head is not None else self._embed
+        self.num_layers = int(text.num_hidden_layers)
+        self.aux_layer_ids = resolve_aux_layer_ids(aux_layer_ids, self.num_layers)
+        self.hidden_size = int(text.hidden_size)
+        self.vocab_size = int(self._head.shape[0])
+        self.norm_eps = float(getattr(text, "rms_norm_eps", 1e-6))
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    @property
+    def embed_weight(self) -> Tensor:
+        return self._embed
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        return self._head
+
+    def head(self, t2d: Tensor | None = None) -> Any:
+        """The frozen ``peagle.loss.TargetHead`` (final norm + lm_head rows of the draft vocab)."""
+        from .loss import TargetHead
+
+        return TargetHead.from_weights(self._norm, self.norm_eps, self._head, t2d)
+
+
+def _weight_files(path: Path) -> dict[Path, list[str]]:
+    """{safetensors file: its tensor names} of a HF model directory (sharded or not)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [path / s for s in shards]
+    else:
+        paths = sorted(path.glob("*.safetensors"))
+    if not paths:
+        raise TargetError(f"target {path}: no *.safetensors weights ({_describe(path)})")
+    out = {}
+    for p in paths:
+        with safe_open(str(p), framework="pt") as f:
+            out[p] = list(f.keys())
+    return out

@@ -365,18 +365,22 @@ def _build(
 ) -> tuple[Any, Any, Any]:
     """(target, draft, state source): the source is the target (online) or the cache (offline)."""
     from .draft import DraftConfig, PEagleDraft
-    from .target import Target, TargetError
+    from .target import Target, TargetError, TargetParts
 
     offline = cfg.data.cache is not None
-    target_device = torch.device("cpu") if offline and not need_target_on_device else d.device
     try:
-        target = Target(
-            cfg.model.target,
-            aux_layer_ids=cfg.model.aux_layer_ids,
-            device=target_device,
-            dtype=_dtype(cfg.model.target_dtype, target_device),
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        if offline and not need_target_on_device:  # states come from the cache: no decoder layers needed
+            target = TargetParts(cfg.model.target, aux_layer_ids=cfg.model.aux_layer_ids,
+                                 dtype=_dtype(cfg.model.target_dtype, torch.device("cpu")),
+                                 trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            target = Target(
+                cfg.model.target,
+                aux_layer_ids=cfg.model.aux_layer_ids,
+                device=d.device,
+                dtype=_dtype(cfg.model.target_dtype, d.device),
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
     except TargetError as e:
         raise ConfigError(f"model.target: {e}") from None
     if target.vocab_size != vocab.t2d.numel():
@@ -384,7 +388,7 @@ def _build(
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     dcfg = DraftConfig.from_target(
-        target.model.config,
+        target.hf_config,
         mask_token_id=mask,
         num_hidden_layers=m.num_layers,
         draft_vocab_size=vocab.size,
@@ -394,15 +398,15 @@ def _build(
         norm_output=m.norm_output,
         aux_layer_ids=list(target.aux_layer_ids),
         num_speculative_tokens=m.num_depths,
-        verifier_name_or_path=m.target_name or m.target,
+        verifier_name_or_path=m.target_name or str(Path(m.target).resolve()),  # a path vLLM can open
     )
     draft = PEagleDraft(dcfg)
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
     if m.init_embed_from_target:
-        emb = target.model.get_input_embeddings().weight.detach().float().cpu()
+        emb = target.embed_weight.float().cpu()
         draft.init_embed_tokens_from_target(emb)
     if m.init_lm_head_from_target:
-        draft.init_lm_head_from_target(target.lm_head.weight.detach().float().cpu())
+        draft.init_lm_head_from_target(target.lm_head_weight.float().cpu())
     if m.freeze_lm_head:
         draft.freeze_lm_head()
     draft.gradient_checkpointing = m.activation_checkpointing
@@ -968,8 +972,12 @@ def _target_shape(cfg: Config) -> tuple[int, int]:
     vocab, layers = getattr(tc, "vocab_size", None), getattr(tc, "num_hidden_layers", None)
     if not vocab or not layers:
         raise ConfigError(f"model.target: {cfg.model.target} is not a decoder LM config (no vocab_size/layers)")
-    if cfg.model.aux_layer_ids is not None and max(cfg.model.aux_layer_ids) > layers:
-        raise ConfigError(f"model.aux_layer_ids {cfg.model.aux_layer_ids} out of range for {layers} target layers")
+    from .target import TargetError, resolve_aux_layer_ids
+
+    try:
+        resolve_aux_layer_ids(cfg.model.aux_layer_ids, int(layers))
+    except TargetError as e:
+        raise ConfigError(f"model.{e}") from None
     return int(vocab), int(layers)
 
 
@@ -978,13 +986,13 @@ def _open_cache(cfg: Config, prepared: Any, num_layers: int) -> Any:
     if cfg.data.cache is None:
         return None
     from .cache import CachedStates, CacheError
-    from .target import default_aux_layer_ids
+    from .target import resolve_aux_layer_ids
 
     try:
         cache = CachedStates(cfg.data.cache)
     except CacheError as e:
         raise ConfigError(f"data.cache: {e}") from None
-    aux = tuple(cfg.model.aux_layer_ids or default_aux_layer_ids(num_layers))
+    aux = resolve_aux_layer_ids(cfg.model.aux_layer_ids, num_layers)
     if len(cache) != len(prepared) or tuple(cache.aux_layer_ids) != aux:
         raise ConfigError(
             f"data.cache {cfg.data.cache} was built for another dataset or target ({len(cache)} examples, "
