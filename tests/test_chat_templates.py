@@ -390,3 +390,13 @@ def test_template_whose_history_is_never_a_prefix_is_dropped_with_a_reason(mistr
     assert ex.drop_reason == TEMPLATE_NOT_INCREMENTAL
     assert "first difference at character 0: '1<s>[INST] q[/INST]' vs '2<s>[INST] q[/INST] a</s>'" in ex.error
     assert "{% generation %}" in ex.error
+
+
+def test_per_turn_examples_record_their_source_record(qwen3_tok_dir, tmp_path):
+    chat = [{"role": "user", "content": "count from 3 to 9"}, {"role": "assistant", "content": "3 4 5 6 7 8 9"},
+            {"role": "user", "content": "what is 12 + 7?"}, {"role": "assistant", "content": "12 + 7 = 19"}]
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"messages": chat[:2]}) + "\n" + json.dumps({"messages": chat}) + "\n")
+    prepare(src, qwen3_tok_dir, tmp_path / "out", vocab_size=512, progress=False)
+    data = load_prepared(tmp_path / "out")
+    assert [data[i]["record"] for i in range(len(data))] == [0, 1, 1]  # the 2-turn chat gave 2 examples

@@ -966,7 +966,8 @@ def prepare(
 ) -> PrepareSummary:
     """Tokenize chat data with the target's tokenizer/template and write it to ``output_dir``.
 
-    Writes ``dataset/`` (HF ``save_to_disk``: columns input_ids int32, loss_mask int8, unshifted),
+    Writes ``dataset/`` (HF ``save_to_disk``: columns input_ids int32, loss_mask int8, unshifted, and
+    record int64: the source record, shared by the examples of a per_turn record),
     ``manifest.json`` (sources, tokenizer fingerprint, template sha256, tokenization strategy,
     counts, bad records, histogram), ``token_counts.safetensors`` (``supervised`` and ``all``:
     int64 [vocab_size] token frequencies) and ``draft_vocab.json`` (draft vocab size — the N most
@@ -1015,17 +1016,21 @@ def prepare(
 
     sup_counts = torch.zeros(V, dtype=torch.int64)
     all_counts = torch.zeros(V, dtype=torch.int64)
-    features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8"))})
+    features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8")),
+                         "record": Value("int64")})
     chunks: list[Any] = []  # compact Arrow chunks, so a large corpus never sits in Python lists
     kept_ids: list[list[int]] = []
     kept_mask: list[list[int]] = []
+    kept_record: list[int] = []  # the record each example comes from (per_turn: several examples share one)
     lengths: list[int] = []
 
     def flush() -> None:
         if kept_ids:
-            chunks.append(Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask}, features=features))
+            chunks.append(Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask, "record": kept_record},
+                                            features=features))
             kept_ids.clear()
             kept_mask.clear()
+            kept_record.clear()
 
     dropped: Counter[str] = Counter()
     strategies: Counter[str] = Counter()
@@ -1064,6 +1069,7 @@ def prepare(
                 sup_counts += torch.bincount(ids[m], minlength=V)
                 kept_ids.append(ex.input_ids)
                 kept_mask.append(ex.loss_mask)
+                kept_record.append(read - 1)
                 lengths.append(len(ex.input_ids))
                 kept += 1
                 any_kept = True
@@ -1137,7 +1143,8 @@ def prepare(
         "length_histogram": [list(h) for h in hist],
         "errors": errors,
         "draft_vocab": choice,
-        "columns": {"input_ids": "int32", "loss_mask": "int8"},
+        "columns": {"input_ids": "int32", "loss_mask": "int8", "record": "int64 (0-based index of the source record "
+                    "among the good records read; examples of one per_turn record share it)"},
         "shifted": False,
     }
 
