@@ -129,6 +129,7 @@ def test_every_user_error_is_one_line(world: dict[str, Path]) -> None:
             if len(lines) != 1:
                 problems.append(f"{len(lines)} stderr lines")
             problems += [f"no {f!r}" for f in fragments if not any(f in ln for ln in lines[:1])]
+            print(f"{name}: rc {p.returncode}: {lines[0] if lines else ''}")  # the table, with -s
             if problems:
                 failures.append(f"{name}: {', '.join(problems)}\n    {err.strip()[-600:]}")
     assert not failures, "\n".join(failures)

@@ -341,8 +341,12 @@ def test_plot_helpers(tmp_path):
 
 
 def test_cli(draft, llama_dir, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    draft.save_pretrained(ckpt / "draft")  # a training checkpoint layout: the export under draft/
+    from peagle.checkpoint import TrainState, capture_rng, save_checkpoint
+
+    # a run directory holding one complete training checkpoint: --draft resolves it as export does
+    ckpt = tmp_path / "run"
+    save_checkpoint(ckpt, TrainState(step=1), model=draft, optimizer=torch.optim.AdamW(draft.parameters()),
+                    rng_states=[capture_rng()], config={})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))
     rc = cli_main(["--target", str(llama_dir), "--draft", str(ckpt), "--prompts", str(prompts),
@@ -356,7 +360,7 @@ def test_cli(draft, llama_dir, tmp_path, capsys):
     rc = cli_main(["--target", str(llama_dir), "--draft", str(tmp_path), "--prompts", str(prompts),
                    "--device", "cpu", "--no-progress"])
     assert rc == 1
-    assert "neither an exported draft" in capsys.readouterr().err
+    assert "is neither a training checkpoint, a run output directory nor an exported draft" in capsys.readouterr().err
 
 
 def test_lookahead_is_the_targets_greedy_past_the_end(cset, target):
