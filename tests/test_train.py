@@ -172,8 +172,11 @@ def test_prepare_train_export_load(
     config = json.loads((out / "final" / "config.json").read_text())
     target_cfg = json.loads((target / "config.json").read_text())
     layers = target_cfg["num_hidden_layers"]
-    assert config["eagle_aux_hidden_state_layer_ids"] == [2, layers // 2, layers - 3]
-    assert config["speculators_config"]["verifier"]["name_or_path"] == str(target)
+    from peagle.target import default_aux_layer_ids
+
+    assert config["eagle_aux_hidden_state_layer_ids"] == list(default_aux_layer_ids(layers))
+    assert len(set(config["eagle_aux_hidden_state_layer_ids"])) == 3  # vLLM would collapse repeats
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(Path(target).resolve())
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
     assert config["draft_vocab_size"] == 128 and config["mask_token_id"] == choice["mask_token_id"]
     assert draft.config.num_hidden_layers == 1

@@ -70,12 +70,31 @@ def _regenerate(target_dir: Path, prompts: list[str], path: Path) -> None:
                                              {"role": "assistant", "content": answer}]}) + "\n")
 
 
+def _text_tokens_only(target_dir: Path) -> None:
+    """Zero the lm_head rows of tokens that are not whole printable text (lone bytes of a UTF-8 character):
+    a random target never emits them then, so its answers are text that survives the OpenAI API's
+    detokenization (the servers return text, not ids) and comparisons by string are exact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
+    special = set(tok.all_special_ids)
+    with torch.no_grad():
+        w = model.get_output_embeddings().weight
+        for i in range(w.shape[0]):
+            text = tok.decode([i]) if i < len(tok) else ""
+            if i not in special and not (text.isascii() and text.isprintable() and text.strip()):
+                w[i].zero_()
+    model.save_pretrained(target_dir)
+
+
 def build_case(root: Path, kind: str, draft_vocab: int | None) -> Case:
     name = f"{kind}-{'full' if draft_vocab is None else f'vocab{draft_vocab}'}"
     root.mkdir(parents=True, exist_ok=True)
     tok = train_chat_tokenizer(CORPUS, 300, root / "tokenizer")
     target = tiny_target(kind, tok, root / "target", hidden_size=128, num_heads=4, num_kv_heads=2,
                          num_layers=4 if kind == "llama" else 5, intermediate_size=256, seed=1)
+    _text_tokens_only(target)
     chats = root / "chats.jsonl"
     _regenerate(target, _prompts(160, 2), chats)
     prompts = root / "heldout.jsonl"
