@@ -419,3 +419,31 @@ def test_cli_uses_the_drafts_own_aux_layers(target, llama_dir, tmp_path):
                     print_report=False)
     assert got["acceptance_length"] == {str(k): v for k, v in want.acceptance_length.items()}
     assert [p["accepted_per_round"] for p in got["prompts"]] == [p["accepted_per_round"] for p in want.prompts]
+
+
+def test_eval_refuses_a_target_the_draft_was_not_trained_for(target, llama_dir, qwen3_dir, tmp_path):
+    """The draft records its target's fingerprint; another fine-tune of the same shape (final norm changed),
+    or another model, is refused by name unless --allow-other-target."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peagle.evaluate import check_verifier
+    from peagle.target import verifier_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    d = _new_draft(target, seed=4, verifier_fingerprint=verifier_fingerprint(target, tok))
+    check_verifier(d, target)  # its own target
+    back = DraftConfig.from_speculators_config(d.config.to_speculators_config())
+    assert back.verifier_fingerprint == d.config.verifier_fingerprint
+    tuned = tmp_path / "tuned"
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tuned)
+    tok.save_pretrained(tuned)
+    with pytest.raises(EvalError, match=r"another target than .*tuned \(final_norm_sha256"):
+        evaluate(Target(tuned, device="cpu"), d, PROMPTS, 4, progress=False, print_report=False)
+    res = evaluate(Target(tuned, device="cpu"), d, PROMPTS, 4, progress=False, print_report=False,
+                   allow_other_target=True)
+    assert res.num_drafts > 0
+    with pytest.raises(EvalError, match="num_hidden_layers 6 vs 8"):
+        check_verifier(d, Target(qwen3_dir, device="cpu"))

@@ -176,6 +176,8 @@ def test_prepare_train_export_load(
 
     assert config["eagle_aux_hidden_state_layer_ids"] == list(default_aux_layer_ids(layers))
     assert len(set(config["eagle_aux_hidden_state_layer_ids"])) == 3  # vLLM would collapse repeats
+    fp = config["peagle_verifier_fingerprint"]  # what `peagle eval` checks the target against
+    assert fp["num_hidden_layers"] == layers and fp["vocab_size"] == target_cfg["vocab_size"]
     assert config["speculators_config"]["verifier"]["name_or_path"] == str(Path(target).resolve())
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
     assert config["draft_vocab_size"] == 128 and config["mask_token_id"] == choice["mask_token_id"]

@@ -108,6 +108,9 @@ class DraftConfig:
     num_speculative_tokens: int = 8
     verifier_name_or_path: str = ""
     verifier_architectures: list[str] = field(default_factory=list)
+    # what identifies the target the draft was trained for (peagle.target.verifier_fingerprint); checked
+    # by `peagle eval`, ignored by vLLM and speculators (an extra top-level key of config.json)
+    verifier_fingerprint: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -253,6 +256,7 @@ class DraftConfig:
                     "architectures": list(self.verifier_architectures),
                 },
             },
+            **({"peagle_verifier_fingerprint": dict(self.verifier_fingerprint)} if self.verifier_fingerprint else {}),
         }
 
     @classmethod
@@ -310,6 +314,7 @@ class DraftConfig:
             num_speculative_tokens=spec["proposal_methods"][0]["speculative_tokens"],
             verifier_name_or_path=verifier.get("name_or_path") or "",
             verifier_architectures=list(verifier.get("architectures") or []),
+            verifier_fingerprint=d.get("peagle_verifier_fingerprint"),
         )
 
     @classmethod

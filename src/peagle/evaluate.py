@@ -57,6 +57,7 @@ __all__ = [
     "EvalResult",
     "acceptance_metrics",
     "acceptance_on",
+    "check_verifier",
     "cli_main",
     "compare_with_vllm",
     "draft_token_tables",
@@ -1005,6 +1006,7 @@ def evaluate(
     progress: bool = True,
     print_report: bool = True,
     vllm_draft_dir: str | Path | None = None,
+    allow_other_target: bool = False,
 ) -> EvalResult:
     """Exact offline acceptance of `draft` on `target`'s greedy continuations of `prompts`.
 
@@ -1024,6 +1026,8 @@ def evaluate(
     if int(draft.config.vocab_size) != int(target.vocab_size):
         raise EvalError(f"the draft was built for a vocabulary of {draft.config.vocab_size} tokens, the target "
                         f"has {target.vocab_size}: is it the draft of this target?")
+    if not allow_other_target:
+        check_verifier(draft, target, tokenizer)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if isinstance(prompts, ContinuationSet):
@@ -1060,6 +1064,29 @@ def evaluate(
 
 # ------------------------------------------------------------------------------------------------
 # CLI
+
+
+def check_verifier(draft: PEagleDraft, target: Any, tokenizer: Any = None) -> None:
+    """Refuse a target the draft was not trained for: width, aux layers, and the recorded fingerprint
+    (shape, tokenizer vocabulary, final-norm weights; `peagle.target.verifier_fingerprint`)."""
+    from .target import TargetError, resolve_aux_layer_ids, verifier_fingerprint
+
+    cfg = draft.config
+    if int(cfg.target_hidden_size) != int(target.hidden_size):
+        raise EvalError(f"the draft was trained on a target of hidden size {cfg.target_hidden_size}, this target "
+                        f"has {target.hidden_size}: is it the draft of this target?")
+    try:
+        resolve_aux_layer_ids(cfg.aux_layer_ids, int(target.num_layers))
+    except TargetError as e:
+        raise EvalError(f"the draft's {e}") from None
+    recorded = cfg.verifier_fingerprint
+    if not recorded:
+        return
+    now = verifier_fingerprint(target, tokenizer if tokenizer is not None else _load_tokenizer(target))
+    diff = [f"{k} {recorded[k]!r} vs {now.get(k)!r}" for k in sorted(recorded) if recorded[k] != now.get(k)]
+    if diff:
+        raise EvalError(f"the draft was trained for another target than {target.path} ({'; '.join(diff)}); "
+                        "evaluate it with its own target, or pass --allow-other-target")
 
 
 def _per_position_counts(rounds: Sequence[int], k: int) -> list[int]:
@@ -1158,6 +1185,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("offline", "vllm"), default="offline",
                    help="offline: peagle's exact prediction (no vLLM needed); vllm: also serve target + draft in "
                         "vLLM (parallel drafting, greedy, one engine per K') and print vLLM's own counters beside it")
+    p.add_argument("--allow-other-target", action="store_true",
+                   help="evaluate even when the draft records another target (shape, tokenizer, weights)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -1191,7 +1220,8 @@ def cli_main(argv: list[str] | None = None) -> int:
             vllm_dir = find_draft_dir(args.draft)
         result = evaluate(target, draft, args.prompts, args.max_new_tokens, args.num_speculative_tokens,
                           out_dir=args.out, json_path=json_path, chat_template=args.chat_template,
-                          batch_size=args.batch_size, progress=not args.no_progress, vllm_draft_dir=vllm_dir)
+                          batch_size=args.batch_size, progress=not args.no_progress, vllm_draft_dir=vllm_dir,
+                          allow_other_target=args.allow_other_target)
         if vllm_dir is not None and not result.vllm["agrees"]:
             return 4
         if args.check_exact:

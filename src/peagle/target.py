@@ -272,6 +272,10 @@ class Target:
     def lm_head_weight(self) -> Tensor:
         return self.lm_head.weight.detach()
 
+    @property
+    def final_norm_weight(self) -> Tensor:
+        return self.final_norm.weight.detach()
+
 
 class TargetParts:
     """What training from a state cache needs of the target, read straight from its safetensors files:
@@ -332,11 +336,35 @@ class TargetParts:
     def lm_head_weight(self) -> Tensor:
         return self._head
 
+    @property
+    def final_norm_weight(self) -> Tensor:
+        return self._norm
+
     def head(self, t2d: Tensor | None = None) -> Any:
         """The frozen ``peagle.loss.TargetHead`` (final norm + lm_head rows of the draft vocab)."""
         from .loss import TargetHead
 
         return TargetHead.from_weights(self._norm, self.norm_eps, self._head, t2d)
+
+
+def verifier_fingerprint(target: Any, tokenizer: Any) -> dict[str, Any]:
+    """What a draft records of the target it is trained for, so `peagle eval` can refuse another one:
+    the shape (model type, layers, hidden size, vocabulary), the tokenizer's vocabulary digest, and a digest
+    of the final norm's weights (cheap to read, and different between fine-tunes of one base model)."""
+    import hashlib
+
+    from .data import tokenizer_fingerprint
+
+    # rounded to bf16 first: a target loaded in bf16 (training on GPU) and in fp32 (eval on CPU) agree
+    norm = target.final_norm_weight.detach().to(device="cpu", dtype=torch.bfloat16).float().contiguous()
+    return {
+        "model_type": str(getattr(target.config, "model_type", "")),
+        "num_hidden_layers": int(target.config.num_hidden_layers),
+        "hidden_size": int(target.hidden_size),
+        "vocab_size": int(target.vocab_size),
+        "tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer)["vocab_sha256"],
+        "final_norm_sha256": hashlib.sha256(norm.numpy().tobytes()).hexdigest(),
+    }
 
 
 def _weight_files(path: Path) -> dict[Path, list[str]]:

@@ -364,8 +364,10 @@ def _build(
     cfg: Config, d: _Dist, vocab: Any, mask: int, cache: Any, need_target_on_device: bool
 ) -> tuple[Any, Any, Any]:
     """(target, draft, state source): the source is the target (online) or the cache (offline)."""
+    from transformers import AutoTokenizer
+
     from .draft import DraftConfig, PEagleDraft
-    from .target import Target, TargetError, TargetParts
+    from .target import Target, TargetError, TargetParts, verifier_fingerprint
 
     offline = cfg.data.cache is not None
     try:
@@ -399,6 +401,8 @@ def _build(
         aux_layer_ids=list(target.aux_layer_ids),
         num_speculative_tokens=m.num_depths,
         verifier_name_or_path=m.target_name or str(Path(m.target).resolve()),  # a path vLLM can open
+        verifier_fingerprint=verifier_fingerprint(target, AutoTokenizer.from_pretrained(
+            cfg.model.target, trust_remote_code=cfg.model.trust_remote_code)),
     )
     draft = PEagleDraft(dcfg)
     draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
