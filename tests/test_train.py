@@ -291,3 +291,24 @@ def test_offline_cache_never_loads_the_target_model(llama_dir: Path, chats: Path
     cfg2 = _config(tmp_path, data, llama_dir, "parts2", train={"max_steps": 2},
                    data={"dataset": str(data), "max_length": 96, "cache": str(tmp_path / "cache")})
     assert train(load_config(cfg2)).last_metrics["loss"] == first
+
+
+def test_validation_split_keeps_each_chat_on_one_side(llama_dir: Path, tmp_path: Path) -> None:
+    """Examples of one chat (per-turn renderings) never straddle the train/val split; with one example per
+    chat the split is the seeded example permutation it always was."""
+    from types import SimpleNamespace
+
+    from peagle.train import _Data
+
+    groups = [[0, 1, 2], [3], [4, 5], [6], [7, 8, 9, 10], [11], [12], [13, 14], [15]]
+    fake = SimpleNamespace(lengths=[8] * 16, record_groups=lambda: groups)
+    cfg = load_config(_config(tmp_path, tmp_path, llama_dir, "split", data={"val_fraction": 0.25, "max_length": 64}))
+    data = _Data(cfg, fake, rows_per_step=1)
+    val = set(data.val_ids)
+    assert val and set(data.train_ids) == set(range(16)) - val
+    for grp in groups:
+        assert set(grp) <= val or not set(grp) & val, grp
+    one_each = SimpleNamespace(lengths=[8] * 16, record_groups=lambda: [[i] for i in range(16)])
+    data = _Data(cfg, one_each, rows_per_step=1)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    assert data.val_ids == sorted(torch.randperm(16, generator=g).tolist()[:4])

@@ -1190,6 +1190,17 @@ class PreparedData:
         col = self.dataset.data.column("input_ids")
         return pc.list_value_length(col).to_pylist()
 
+    def record_groups(self) -> list[list[int]]:
+        """Example indices grouped by the chat they came from (first-seen order): a chat whose template
+        rewrites history gives several examples, which must land on the same side of a train/val split.
+        Datasets without the ``record`` column: one group per example."""
+        if "record" not in self.dataset.column_names:
+            return [[i] for i in range(len(self))]
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(self.dataset.data.column("record").to_pylist()):
+            groups.setdefault(int(r), []).append(i)
+        return list(groups.values())
+
 
 def load_prepared(path: str | Path) -> PreparedData:
     """Load a ``prepare`` output directory (clear DataError if it is not one)."""

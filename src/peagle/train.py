@@ -189,15 +189,22 @@ class _Data:
                 f"data.max_length {max_length} is shorter than {len(too_long)} prepared examples "
                 f"(longest {max(self.lengths)} tokens); raise it or prepare with --max-length {max_length}"
             )
+        # split by source chat (all examples of one chat on one side), in a seeded random order of chats
+        groups = prepared.record_groups()
         g = torch.Generator().manual_seed(cfg.train.seed)
-        perm = torch.randperm(n, generator=g).tolist()
+        perm = torch.randperm(len(groups), generator=g).tolist()
         n_val = 0
         if cfg.data.val_fraction > 0:
             n_val = max(1, round(n * cfg.data.val_fraction))
-            if n_val >= n:
-                raise ConfigError(f"data.val_fraction {cfg.data.val_fraction} leaves no training example ({n})")
-        self.val_ids = sorted(perm[:n_val])
-        self.train_ids = sorted(perm[n_val:])
+        val: list[int] = []
+        for j in perm:
+            if len(val) >= n_val:
+                break
+            val += groups[j]
+        if n_val and len(val) >= n:
+            raise ConfigError(f"data.val_fraction {cfg.data.val_fraction} leaves no training example ({n})")
+        self.val_ids = sorted(val)
+        self.train_ids = sorted(set(range(n)) - set(val))
         self.rows_per_step = rows_per_step
         self._pack = pack
         self._epoch_cache: dict[int, list[list[int]]] = {}
