@@ -1,13 +1,13 @@
 """COD (conditional drop-token) sampling and Algorithm-1 segment assignment.
 
-Pure tensor functions over the *flat element list* (DESIGN §1, docs/internals.md): a batch of B rows
+Pure tensor functions over the *flat element list* (docs/conventions.md, docs/internals.md): a batch of B rows
 of n EAGLE-shifted positions is flattened to N positions, document ids are unique across the whole
 list (``-1`` = padding) and each document is one contiguous run. A COD sample is a pair of
 LongTensors ``(anchor[M], depth[M])``: the first N elements are depth 0 (element i = position i),
 then the depth-1 block sorted by anchor, then depth 2, and so on. The reference position of an
 element (the position whose target distribution supervises it) is ``anchor + depth``.
 
-Two properties the peers' samplers lack (reference §6 items 1–2):
+Two properties the peers' samplers lack (docs/conventions.md, "COD"):
 
 - no chain ever leaves its document, and no anchor is negative or precedes its document's start
   (the depth-1 pool excludes each document's first position, deeper pools require ``p + 1`` to stay

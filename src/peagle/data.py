@@ -1,6 +1,6 @@
 """Chat data → token ids + loss mask → packed rows → the EAGLE shift.
 
-Pipeline (DESIGN §1, §2 "data"):
+Pipeline (docs/conventions.md, docs/internals.md):
 
 1. ``read_records``: chat records from JSONL / JSON / parquet / a ``datasets`` directory, OpenAI
    ``messages`` or ShareGPT ``conversations``, normalised to OpenAI-style messages (every OpenAI
@@ -1349,7 +1349,7 @@ def positions_in_document(document_ids: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The EAGLE shift (DESIGN §1) — the one place it happens
+# The EAGLE shift (docs/conventions.md) — the one place it happens
 # --------------------------------------------------------------------------------------------
 
 

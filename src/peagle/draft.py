@@ -3,7 +3,7 @@
 Read top to bottom: `DraftConfig` (HF field names, the checkpoint's config.json), `RMSNorm`, `Rotary`,
 `Attention`, `MLP`, `DecoderLayer` (layer 0 is the fused EAGLE-3 first layer), `PEagleDraft`.
 
-Data flow of one draft forward over M flat elements (DESIGN §1, reference §3.2):
+Data flow of one draft forward over M flat elements (docs/conventions.md):
 
     hidden[M, H]  = fc(norm?(aux[M, 3·Ht]))  for real slots,  fc(norm?(mask_hidden))  for mask slots
     emb[M, H]     = embed_tokens(input_ids)

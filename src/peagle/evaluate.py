@@ -1,13 +1,13 @@
 """Exact offline acceptance length of a P-EAGLE draft, with vLLM's greedy semantics.
 
-Why one forward is enough (reference §2.5, §4): in vLLM's parallel-drafting runtime every draft
+Why one forward is enough (docs/evaluation.md): in vLLM's parallel-drafting runtime every draft
 slot reads only verified tokens, the target's aux states and the fixed mask slots — never the
 draft's own guesses. So over the target's greedy continuation, a single teacher-forced draft forward
 with every position as an anchor and all K depths yields, for every anchor, exactly the K tokens
 vLLM would propose there. Simulating vLLM's rounds over that table gives the acceptance counts of a
 real greedy serving run, without a serving engine.
 
-Conventions (DESIGN §1). Tokens x_0..x_{T−1} = prompt x_0..x_{P−1} + greedy continuation x_P..x_{T−1};
+Conventions (docs/conventions.md). Tokens x_0..x_{T−1} = prompt x_0..x_{P−1} + greedy continuation x_P..x_{T−1};
 g_t = the target's aux state at position t. Shifted element i = (token x_{i+1}, aux g_i), position i.
 Depth 0 of anchor a is the bonus slot (x_{a+1}, g_a) and depth d is mask slot d; depth d predicts
 x_{a+d+2}. Rounds: the first draft after prefill has anchor a = P−1 (bonus token x_P from the
@@ -23,7 +23,7 @@ last round's drafts that agree with the target past the stop token or past max_t
 from the output), so by default every depth is compared with the target's greedy tokens extended
 K − 1 tokens past each end (`ContinuationSet.lookahead`); the "useful" figure stops at the end.
 
-Metrics follow vLLM (reference §4): num_drafts (rounds), AL = 1 + accepted / drafts, cumulative
+Metrics follow vLLM (docs/evaluation.md): num_drafts (rounds), AL = 1 + accepted / drafts, cumulative
 per-position rates (rate[i] = fraction of drafts with ≥ i + 1 accepted), draft acceptance rate =
 accepted / (drafts · K). AL for K' < K is a separate simulation over the same draft-token table
 (the path of anchors changes with K'; depth d's prediction does not depend on deeper slots).

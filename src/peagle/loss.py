@@ -10,7 +10,7 @@ log-probs log p (target logits restricted to the draft vocab, renormalised):
 `_ChunkedKL` loops over chunks of elements in forward (sums and metrics only) and recomputes each
 chunk's logits in backward, so extra memory is O(chunk × Vd) instead of O(E × Vd). All maths in fp32;
 gradients come back in the inputs' dtypes. The loss is a SUM: the caller divides by the global count
-of supervised elements (DESIGN §1 "Loss").
+of supervised elements (docs/conventions.md, "Loss").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Query element q may attend key element k iff q is not padding, both anchors lie in the same
 document, and either k is real context at or before q's anchor (depth_k = 0, anchor_k ≤ anchor_q)
 or k is on q's own chain at an earlier or equal depth (anchor_k = anchor_q, depth_k ≤ depth_q).
-This is what vLLM's parallel-drafting runtime shows a mask slot (DESIGN §1).
+This is what vLLM's parallel-drafting runtime shows a mask slot (docs/conventions.md, "Flat input and mask").
 
 1. `cod_mask`: the dense boolean [M, M] reference (tests, small inputs, the SDPA baseline).
 2. `cod_block_mask` + `FlexCODAttention`: FlexAttention for CUDA (compiled, dynamic shapes).

@@ -2,8 +2,8 @@
 
 The batch's B rows are flattened into one list of N = B·n positions (rows are just documents), COD
 is sampled over it, and the whole batch runs as ONE draft forward. `plan()` + `forward(segment=…)`
-splits that forward into Algorithm-1 segments (DESIGN §1) whose summed losses and gradients equal
-the flat forward's, without redoing the depth-0 stream per segment:
+splits that forward into Algorithm-1 segments (docs/conventions.md, "Sequence partitioning") whose
+summed losses and gradients equal the flat forward's, without redoing the depth-0 stream per segment:
 
 * `plan()` (no grad) samples COD once and runs the depth-0 stream once, keeping every layer's
   depth-0 keys/values and the stream's last hidden state as detached leaf tensors;
@@ -29,7 +29,7 @@ from .mask import CODAttention, DenseCODAttention, FlexCODAttention
 
 @dataclass
 class Batch:
-    """B packed rows, already EAGLE-shifted (DESIGN §1): element i = (token x_{i+1}, aux g_i).
+    """B packed rows, already EAGLE-shifted (docs/conventions.md): element i = (token x_{i+1}, aux g_i).
 
     document_ids: −1 = padding, several documents per row allowed. Exactly one of target_logits
     (over the draft vocab) and target_hidden (the target's last hidden state, used with the

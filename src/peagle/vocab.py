@@ -1,7 +1,7 @@
 """Draft vocabulary (d2t offsets, t2d mask) and the choice/check of ``mask_token_id``.
 
-Reference §3.5: the draft vocab is the N most frequent supervised (assistant) target tokens, ties
-by lower id, padded with the lowest unused ids, sorted ascending; ``d2t`` stores OFFSETS
+The draft vocab (docs/conventions.md, "Checkpoint format") is the N most frequent supervised
+(assistant) target tokens, ties by lower id, padded with the lowest unused ids, sorted ascending; ``d2t`` stores OFFSETS
 (target_id = draft_id + d2t[draft_id]); ``t2d`` is a bool mask over the target vocab.
 """
 
