@@ -10,6 +10,7 @@ cache. One engine per target (plus one for the CLI run on Llama): engine starts 
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,37 @@ def test_training_from_vllm_cache_qwen3(built, tmp_path):
     """(c) the same for Qwen3, from the cache the VLLMStates engine wrote."""
     b = built["qwen3"]
     _same_training("qwen3", _train(b, b.hf_cache, tmp_path / "run_hf"), _train(b, b.vllm_cache, tmp_path / "run_vllm"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU workers need two cores")
+def test_tensor_parallel_2(built, monkeypatch):
+    """--tensor-parallel-size reaches vLLM: two CPU workers (one core each), the same states as HF."""
+    from peagle.vllm_states import VLLMStates
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores)))  # vLLM's NUMA auto-bind refuses
+    b = built["llama"]
+    idx = [0, 1, 2, 3, len(b.hf_states) - 1]
+    from peagle.data import load_prepared
+
+    data = load_prepared(b.data)
+    with VLLMStates(b.target, tensor_parallel_size=2, max_model_len=MAX_LENGTH + 1, storage_dir=b.root / "hs") as vs:
+        got = vs.extract([data[i]["input_ids"] for i in idx])
+        assert vs._llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+    for i, (a, f) in zip(idx, got, strict=True):
+        ha, hf = b.hf_states[i]
+        assert (a - ha).abs().max().item() <= 2e-6 * b.scale and (f - hf).abs().max().item() <= 2e-6 * b.scale
+
+
+def test_pipeline_parallel_refused_by_vllm_clearly(built):
+    """vLLM 0.32 refuses pipeline parallelism with extract_hidden_states (its ExtractHiddenStatesModel does
+    not implement SupportsPP); the error says so instead of blaming the target."""
+    from peagle.vllm_engine import VLLMError
+    from peagle.vllm_states import VLLMStates
+
+    with VLLMStates(built["llama"].target, pipeline_parallel_size=2, max_model_len=MAX_LENGTH + 1) as vs:
+        with pytest.raises(VLLMError, match="ExtractHiddenStatesModel does not implement SupportsPP"):
+            vs.extract([[5, 6, 7]])
 
 
 def test_engine_vllm_needs_cache(tmp_path, capsys):

@@ -117,10 +117,11 @@ def _add_prepare(sub: Any) -> None:
         choices=("hf", "vllm"),
         default="hf",
         help="what computes the --cache states: the in-process HF target (hf, default) or vLLM's "
-        "hidden-state extraction (vllm: targets sharded with tensor/pipeline parallelism)",
+        "hidden-state extraction (vllm: targets sharded with tensor parallelism)",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size (--engine vllm)")
-    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="vLLM pipeline parallel size (--engine vllm)")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1,
+                   help="vLLM pipeline parallel size (--engine vllm; vLLM 0.32 refuses > 1 for state extraction)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset previously written by prepare")
     p.add_argument("--no-progress", action="store_true")

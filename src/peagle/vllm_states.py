@@ -132,9 +132,15 @@ class VLLMStates:
         except Exception as e:  # vLLM raises plain RuntimeError/ValueError from its engine process
             shutil.rmtree(self._storage, ignore_errors=True)
             text = str(e).strip().splitlines()
+            hint = ""
+            if self.pipeline_parallel_size > 1 and "SupportsPP" in str(e):
+                # vLLM validates the extraction "draft" (ExtractHiddenStatesModel) like a model, and in 0.32
+                # it does not implement SupportsPP: the refusal is about it, not about the target
+                hint = (" (vLLM 0.32 refuses pipeline parallelism with extract_hidden_states: its "
+                        "ExtractHiddenStatesModel does not implement SupportsPP; use --tensor-parallel-size)")
             raise VLLMError(f"vLLM could not extract hidden states of {self.path} "
                             f"(tp={self.tensor_parallel_size}, pp={self.pipeline_parallel_size}): "
-                            f"{text[0] if text else type(e).__name__}") from None
+                            f"{text[0] if text else type(e).__name__}{hint}") from None
         return self._llm
 
     def close(self) -> None:
