@@ -258,6 +258,66 @@ def test_partitions_and_accumulation_match_flat(llama_data: Path, llama_dir: Pat
 
 
 @pytest.mark.slow
+def test_one_process_sums_each_partitioned_micro_batch_apart(
+    llama_data: Path, llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S=2, 2 micro-batches: the step gradient is G₀ + G₁, each micro-batch's units summed on their own.
+
+    That is how 2 ranks × 1 micro-batch round it (the all-reduce adds each rank's sum), so one process
+    matches them bit for bit; units summed straight into .grad, ((G₀ + u₀) + u₁) + c, do not.
+    """
+    import copy
+
+    import peagle.train as train_mod
+    from peagle.trainer import PEagleTrainer
+
+    seen: dict[str, Any] = {"batches": [], "grads": None}
+    plan = PEagleTrainer.plan
+
+    def spy_plan(self: PEagleTrainer, batch: Any) -> Any:
+        if "initial" not in seen:  # before any backward: the draft the step starts from
+            seen["initial"] = copy.deepcopy(self)
+        seen["batches"].append(batch)
+        return plan(self, batch)
+
+    grad_norm = train_mod._grad_norm
+
+    def spy_grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
+        if seen["grads"] is None:
+            seen["grads"] = [p.grad.clone() for p in params]
+        return grad_norm(params, clip)
+
+    monkeypatch.setattr(PEagleTrainer, "plan", spy_plan)
+    monkeypatch.setattr(train_mod, "_grad_norm", spy_grad_norm)
+    cfg = _config(
+        tmp_path,
+        llama_data,
+        llama_dir,
+        "parts",
+        model={"target": str(llama_dir), "num_layers": 1, "num_depths": 3, "sequence_partitions": 2},
+        train={"max_steps": 1, "micro_batch_size": 1, "grad_accum": 2},
+    )
+    train(load_config(cfg))
+    ref: PEagleTrainer = seen["initial"]
+    batches = seen["batches"][:2]
+    normalizer = float(sum(ref.count_supervised(b) for b in batches))
+    params = [p for p in ref.draft.parameters() if p.requires_grad]
+    per_micro = []
+    for batch in batches:
+        for p in params:
+            p.grad = None
+        ref_plan = ref.plan(batch)
+        assert len(ref_plan.units) > 1
+        for u in range(len(ref_plan.units)):
+            ref(batch, normalizer, segment=(ref_plan, u)).loss.backward()
+        per_micro.append([p.grad.clone() for p in params])
+    want = [g0 + g1 for g0, g1 in zip(*per_micro, strict=True)]
+    assert len(seen["grads"]) == len(want)
+    for got, w in zip(seen["grads"], want, strict=True):
+        assert torch.equal(got, w), float((got - w).abs().max())
+
+
+@pytest.mark.slow
 def test_offline_cache_mode(llama_dir: Path, chats: Path, tmp_path: Path) -> None:
     data = _prepare(llama_dir, chats, tmp_path / "prep", "--cache", str(tmp_path / "cache"), "--device", "cpu")
     assert (tmp_path / "cache" / "cache_manifest.json").is_file()

@@ -9,7 +9,8 @@ The loss of every forward is its KL sum divided by ONE count: the supervised COD
 whole optimizer step (counted before any forward, all-reduced over ranks). DDP gradients are summed
 (not averaged) by a communication hook, so W ranks × A micro-batches give the gradient of one
 process on the union batch. Sequence partitions run one backward per unit with ``no_sync`` on every
-backward but the step's last.
+backward but the step's last; in one process each micro-batch's units are summed apart and then added
+to the step's gradient (`_own_gradient`), so the rounding is that of the ranks' all-reduce.
 
 Exact resume: a checkpoint holds the draft, AdamW moments, scheduler, RNG states and the data
 position (epoch, rows consumed); epoch orders are recomputed from the seed, so a resumed run takes
@@ -858,6 +859,32 @@ def _positions(data: _Data, state: TrainState, total: int) -> Iterator[tuple[int
 
 
 @contextlib.contextmanager
+def _own_gradient(params: list[Tensor], enabled: bool = True) -> Iterator[None]:
+    """Inside the block ``.grad`` starts empty; on exit the gradients held before are added to it.
+
+    A partitioned micro-batch's gradient is the sum of several backward passes (its units). Summed
+    straight into ``.grad`` after the earlier micro-batches, the step's gradient would be rounded as
+    ((G + u₀) + u₁) + c, whereas a split of the same step over ranks rounds it as G + ((u₀ + u₁) + c)
+    (the all-reduce adds each rank's own sum). In fp32 the two differ by ~1e-7 relative; AdamW turns
+    that into a visible weight difference wherever a gradient nearly cancels (update lr·g/(|g| + eps)).
+    Forming each micro-batch's gradient apart gives one process the ranks' rounding (1 process × 2
+    micro-batches = 2 ranks × 1, bit for bit, as without partitions). Costs one extra gradient buffer.
+    """
+    if not enabled:
+        yield
+        return
+    before = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, before, strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+
+
+@contextlib.contextmanager
 def quiet_hf_progress() -> Iterator[None]:
     """Silence transformers' and huggingface_hub's progress bars (weight loading, downloads) inside the block.
 
@@ -1232,19 +1259,22 @@ def _run(
                         with autocast():
                             plan = trainer.plan(batch)
                         units = list(range(len(plan.units)))
-                    for u in units:
-                        last = last_micro and u == units[-1]
-                        sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
-                        with sync:
-                            with autocast():
-                                res = (
-                                    model(batch, normalizer)
-                                    if plan is None
-                                    else model(batch, normalizer, segment=(plan, u))
-                                )
-                            res.loss.backward()
-                        loss_sum += res.loss.detach().double()
-                        metrics = metrics + res.metrics
+                    # one process: a micro-batch's units sum apart, then join the step's gradient, as
+                    # the all-reduce adds each rank's (which DDP does inside the step's last backward)
+                    with _own_gradient(params, enabled=not d.active and j > 0 and len(units) > 1):
+                        for u in units:
+                            last = last_micro and u == units[-1]
+                            sync = contextlib.nullcontext() if (last or not d.active) else model.no_sync()
+                            with sync:
+                                with autocast():
+                                    res = (
+                                        model(batch, normalizer)
+                                        if plan is None
+                                        else model(batch, normalizer, segment=(plan, u))
+                                    )
+                                res.loss.backward()
+                            loss_sum += res.loss.detach().double()
+                            metrics = metrics + res.metrics
                     del batch, plan
                 grad_norm = _grad_norm(params, o.grad_clip)  # global: DDP gradients are already reduced
                 step_loss = float(_all_reduce(loss_sum.reshape(1), d).item())
