@@ -53,6 +53,7 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 
 def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, engine_args: dict[str, Any]) -> Any:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the comparison table, not vLLM's start-up log
     try:
         from vllm import LLM
     except ImportError as e:
