@@ -117,12 +117,21 @@ def build_case(root: Path, kind: str, draft_vocab: int | None) -> Case:
 CASES = [("llama", None), ("llama", 200), ("qwen3", None), ("qwen3", 200)]
 
 
+class _Cases(dict):
+    """Cases built on first use (a test of one case does not train the other three)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Case:
+        kind, _, vocab = name.partition("-")
+        case = build_case(self.root / name, kind, None if vocab == "full" else int(vocab.removeprefix("vocab")))
+        self[name] = case
+        return case
+
+
 @pytest.fixture(scope="session")
 def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("served")
-    out = {}
-    for kind, vocab in CASES:
-        c = build_case(root / f"{kind}-{vocab}", kind, vocab)
-        out[c.name] = c
-    return out
+    return _Cases(tmp_path_factory.mktemp("served"))
