@@ -722,7 +722,7 @@ def _rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int, *, useful: b
 
 def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
                useful: list[dict[int, list[int]]] | None = None) -> tuple[dict, dict, list]:
-    by_k = {kk: acceptance_metrics([m for r in rounds for m in r[kk]], kk) for kk in range(1, k + 1)}
+    by_k = _metrics_by_k(rounds, k)
     per_prompt = []
     for j, r in enumerate(rounds):
         met = acceptance_metrics(r[k], k)
@@ -745,8 +745,9 @@ def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
     return by_k[k], by_k, per_prompt
 
 
-def _useful_by_k(useful: list[dict[int, list[int]]], k: int) -> dict[int, dict[str, Any]]:
-    return {kk: acceptance_metrics([m for r in useful for m in r[kk]], kk) for kk in range(1, k + 1)}
+def _metrics_by_k(rounds: list[dict[int, list[int]]], k: int) -> dict[int, dict[str, Any]]:
+    """vLLM's metrics for every K' = 1..K over all prompts' rounds."""
+    return {kk: acceptance_metrics([m for r in rounds for m in r[kk]], kk) for kk in range(1, k + 1)}
 
 
 def acceptance_on(
@@ -763,7 +764,7 @@ def acceptance_on(
     tables = draft_token_tables(draft, continuation_set, k, max_positions=max_positions,
                                 chunk_elements=chunk_elements)
     overall, by_k, _ = _summarise(continuation_set, _rounds_by_k(continuation_set, tables, k), k)
-    useful = _useful_by_k(_rounds_by_k(continuation_set, tables, k, useful=True), k)
+    useful = _metrics_by_k(_rounds_by_k(continuation_set, tables, k, useful=True), k)
     return {**overall, "num_speculative_tokens": k,
             "acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in by_k.items()},
             "useful_acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in useful.items()}}
@@ -1042,7 +1043,7 @@ def evaluate(
     useful = _rounds_by_k(cs, tables, k, useful=True)
     overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k, useful)
     timing["score_s"] = time.perf_counter() - t1
-    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_useful_by_k(useful, k))
+    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_metrics_by_k(useful, k))
     if vllm_draft_dir is not None:
         t2 = time.perf_counter()
         result.vllm = compare_with_vllm(cs, _rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
