@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from peagle.toy import tiny_target, train_chat_tokenizer
+from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
 
 # The test machine is a couple of cores shared by several jobs: intra-op threads spin-waiting on
 # each other make tiny matmuls ~100x slower, so tests run single-threaded unless told otherwise.

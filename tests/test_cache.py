@@ -74,8 +74,9 @@ def test_resume_after_interruption_writes_only_missing_shards(prepared, target, 
         CachedStates(d)
     mtimes = {f.name: f.stat().st_mtime_ns for f in d.glob("shard_*.safetensors")}
     assert sorted(mtimes) == ["shard_00000.safetensors", "shard_00001.safetensors"]
-    # A crash during a shard write leaves only a temp file, which is ignored and overwritten.
-    (d / ".shard_00002.safetensors.tmp-12345").write_bytes(b"partial")
+    # A crash during a shard write leaves only a temp file, which is ignored and removed on resume.
+    (d / ".shard_00002.safetensors.tmp-12345").write_bytes(b"partial")  # (older peagle: pid-suffixed)
+    (d / ".shard_00003.safetensors.tmp-0a1b2c3d4e5f6789").write_bytes(b"partial")
 
     saved, forwards = [], []
     real_save = cache_mod._save_shard
@@ -95,6 +96,7 @@ def test_resume_after_interruption_writes_only_missing_shards(prepared, target, 
     assert sum(forwards) == sum(prepared.lengths[6:])  # only the missing examples ran the target
     assert m["complete"]
     assert all((d / name).stat().st_mtime_ns == t for name, t in mtimes.items())
+    assert sorted(p.name for p in d.iterdir()) == [CACHE_MANIFEST] + [f"shard_{k:05d}.safetensors" for k in range(4)]
     c = CachedStates(d)
     for i in (0, 5, 6, 11):
         a1, f1 = target.hidden_states(torch.tensor(prepared[i]["input_ids"]))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from peagle.chat import BAD_CONTENT, BAD_TOOL_CALL, NON_TEXT_CONTENT, ChatFormatError, template_messages
 from peagle.data import UNKNOWN_ROLE, RecordError, read_records
+from peagle.data.chat import BAD_CONTENT, BAD_TOOL_CALL, NON_TEXT_CONTENT, ChatFormatError, template_messages
 
 
 def _read(tmp_path, *records):

@@ -20,12 +20,12 @@ from peagle.data import (
     PER_TURN,
     TEMPLATE_NOT_INCREMENTAL,
     DataError,
-    _normalise,
     load_prepared,
     prepare,
     tokenize_chat,
     tokenize_chat_examples,
 )
+from peagle.data import normalize_record as _normalise
 
 # ---------------------------------------------------------------------------------- templates
 

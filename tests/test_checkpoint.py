@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import random
 import signal
@@ -53,7 +56,7 @@ def test_roundtrip_weights_optimizer_state(tmp_path: Path) -> None:
     model, opt = _model_and_opt()
     path = _save(tmp_path, 3, model, opt)
     assert path.name == "step-00000003" and (path / "COMPLETE").is_file()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000003"]  # no temporary left
     model2, opt2 = _model_and_opt(seed=1)
     state, rng = load_checkpoint(path, model=model2, optimizer=opt2)
     assert state.step == 3 and state.row_in_epoch == 12 and state.scheduler == {"last_epoch": 3}
@@ -124,12 +127,121 @@ def test_auto_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
 def test_leftover_tmp_ignored_and_cleaned(tmp_path: Path) -> None:
     model, opt = _model_and_opt()
     good = _save(tmp_path, 2, model, opt)
-    partial = tmp_path / "step-00000004.tmp"
-    (partial / "draft").mkdir(parents=True)
-    (partial / "draft" / "model.safetensors").write_bytes(b"\0" * 10)
+    partial = tmp_path / ".step-00000004.tmp-0123abcd"  # fsutil.atomic_dir's temporary
+    legacy = tmp_path / "step-00000004.tmp"  # what peagle wrote before atomic_dir
+    for d in (partial, legacy):
+        (d / "draft").mkdir(parents=True)
+        (d / "draft" / "model.safetensors").write_bytes(b"\0" * 10)
+    aside = tmp_path / ".step-00000002.old-4567"  # a finished swap whose old copy was not yet removed
+    aside.mkdir()
+    other = tmp_path / ".final.tmp-89ab"  # not a checkpoint's: not touched
+    other.mkdir()
     assert resolve_resume("auto", tmp_path) == good
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     _save(tmp_path, 4, model, opt)
-    assert not partial.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "step-00000002", "step-00000004"]
+    verify_checkpoint(good)
+
+
+def test_killed_between_the_renames_of_a_swap_restores_the_old(tmp_path: Path) -> None:
+    """A run killed after moving an old step-N aside but before renaming the new one in keeps step-N."""
+    model, opt = _model_and_opt()
+    legacy = _save(tmp_path, 1, model, opt)
+    good = _save(tmp_path, 2, model, opt)
+    os.rename(good, tmp_path / ".step-00000002.old-feed")
+    os.rename(legacy, tmp_path / "step-00000001.replaced")  # the same, as peagle wrote it before
+    assert list_checkpoints(tmp_path) == []
+    _save(tmp_path, 3, model, opt)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001", "step-00000002", "step-00000003"]
+    verify_checkpoint(good)
+    verify_checkpoint(legacy)
+
+
+def test_same_step_of_an_abandoned_run_is_replaced(tmp_path: Path) -> None:
+    model_a, opt_a = _model_and_opt(seed=0)
+    model_b, opt_b = _model_and_opt(seed=1)
+    _save(tmp_path, 2, model_a, opt_a)
+    path = _save(tmp_path, 2, model_b, opt_b)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+    model_c, opt_c = _model_and_opt(seed=2)
+    load_checkpoint(path, model=model_c, optimizer=opt_c)
+    for b, c in zip(model_b.parameters(), model_c.parameters(), strict=True):
+        assert torch.equal(b, c)
+    assert not torch.equal(next(model_a.parameters()), next(model_c.parameters()))
+
+
+def _disk_full_on(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    real = torch.save
+
+    def save(obj, f, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if f"step-{step:08d}" in str(f) and str(f).endswith("rng.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_failed_write_one_message_previous_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _model_and_opt()
+    good = _save(tmp_path, 2, model, opt)
+    _disk_full_on(monkeypatch, 3)
+    with pytest.raises(CheckpointError) as err:
+        _save(tmp_path, 3, model, opt)
+    assert str(err.value) == (
+        f"cannot write checkpoint {tmp_path / 'step-00000003'}: disk full (No space left on device); "
+        f"the previous checkpoints are intact (newest: {good})"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]  # the partial write is gone
+    verify_checkpoint(good)
+
+
+def test_failed_write_first_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _model_and_opt()
+    _disk_full_on(monkeypatch, 1)
+    with pytest.raises(CheckpointError, match=r"disk full \(No space left on device\); no earlier checkpoint exists$"):
+        _save(tmp_path, 1, model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_replacement_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = _model_and_opt()
+    old = _save(tmp_path, 2, model, opt)
+    before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    _disk_full_on(monkeypatch, 2)
+    with pytest.raises(CheckpointError, match="disk full"):
+        _save(tmp_path, 2, model, opt)
+    assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
+
+
+def test_skipped_steps_roundtrip(tmp_path: Path) -> None:
+    model, opt = _model_and_opt()
+    state = TrainState(step=5, skipped_steps=3)
+    path = save_checkpoint(tmp_path, state, model=model, optimizer=opt, rng_states=[capture_rng()], config={})
+    raw = json.loads((path / "trainer_state.json").read_text())
+    assert raw["skipped_steps"] == 3 and "extra" not in raw
+    assert load_checkpoint(path)[0].skipped_steps == 3
+
+
+def test_older_trainer_state_with_extra_is_mapped(tmp_path: Path) -> None:
+    """trainer_state.json written before ``skipped_steps`` kept the count in ``extra.nonfinite_skipped``."""
+    model, opt = _model_and_opt()
+    path = _save(tmp_path, 4, model, opt)
+    f = path / "trainer_state.json"
+    raw = json.loads(f.read_text())
+    del raw["skipped_steps"]
+    raw["extra"] = {"nonfinite_skipped": 2}
+    f.write_text(json.dumps(raw))
+    marker = json.loads((path / "COMPLETE").read_text())  # keep the checkpoint verifiable
+    marker["files"]["trainer_state.json"] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
+                                             "bytes": f.stat().st_size}
+    (path / "COMPLETE").write_text(json.dumps(marker))
+    state, _ = load_checkpoint(path)
+    assert state.skipped_steps == 2 and state.step == 4 and state.row_in_epoch == 16
+    raw["extra"] = {}
+    f.write_text(json.dumps(raw))
+    assert load_checkpoint(path, verify=False)[0].skipped_steps == 0
 
 
 @pytest.mark.slow
@@ -164,7 +276,8 @@ def test_sigkill_during_write_keeps_last_complete(tmp_path: Path) -> None:
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert (tmp_path / "step-00000002.tmp").is_dir()
+    (left,) = tmp_path.glob(".step-00000002.tmp-*")  # only atomic_dir's hidden temporary
+    assert left.is_dir() and not (tmp_path / "step-00000002").exists()
     path = resolve_resume("auto", tmp_path)
     assert path is not None and path.name == "step-00000001"
     model = torch.nn.Linear(256, 256)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peagle.cod import assign_segments, chain_table, document_starts, full_cod, sample_cod
+from peagle.cod import assign_segments, chain_table, chains, document_starts, full_cod, local_chains, sample_cod
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -181,6 +181,36 @@ def test_chain_table_hand():
     assert chain_table(anchor, depth, 4).tolist() == expected
     with pytest.raises(ValueError):
         chain_table(torch.tensor([0, 0]), torch.tensor([0, 0]), 2)
+
+
+def test_chains_hand():
+    # anchors 0..3 at depth 0, then depth 1 of anchors 0, 2, depth 2 of anchor 0 (indices 4, 5, 6)
+    anchor = torch.tensor([0, 1, 2, 3, 0, 2, 0])
+    depth = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    assert chains(anchor, depth, 3).tolist() == [
+        [-1, -1], [-1, -1], [-1, -1], [-1, -1],  # depth 0: no chain
+        [4, -1],  # (0, 1) sees itself, not its deeper (0, 2)
+        [5, -1],  # (2, 1)
+        [4, 6],  # (0, 2): (0, 1) and itself
+    ]
+    assert chains(anchor[:4], depth[:4], 1).shape == (4, 0)  # K = 1: depth 0 only, no chains
+    assert chains(anchor[:0], depth[:0], 3).shape == (0, 2)
+
+
+def test_local_chains_hand():
+    anchor = torch.tensor([0, 1, 2, 3, 0, 2, 0])
+    depth = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    chain = chains(anchor, depth, 3)
+    elements = torch.tensor([4, 6])  # the chain of anchor 0 run alone
+    assert local_chains(chain[elements], elements, 7).tolist() == [[0, -1], [0, 1]]
+    elements = torch.tensor([5, 6, 4])  # any order: ids become positions within `elements`
+    assert local_chains(chain[elements], elements, 7).tolist() == [[0, -1], [2, 1], [2, -1]]
+    elements = torch.tensor([6])  # (0, 1) not in the chunk: it cannot be seen, -1
+    assert local_chains(chain[elements], elements, 7).tolist() == [[-1, 0]]
+    empty = torch.tensor([], dtype=torch.long)
+    assert local_chains(chain[empty], empty, 7).shape == (0, 2)
+    with pytest.raises(ValueError):
+        local_chains(chain, elements, 7)
 
 
 def test_document_starts_hand():

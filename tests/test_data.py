@@ -27,7 +27,7 @@ from peagle.data import (
     read_records,
     tokenize_chat,
 )
-from peagle.toy import CHAT_TEMPLATE
+from peagle.demo.offline_models import CHAT_TEMPLATE
 
 PLAIN_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
 
@@ -61,7 +61,7 @@ def test_eagle_shift_hand_written_example():
     assert s.document_ids.tolist() == [0, 0, 0, -1, 1, 1, -1, -1]
     assert s.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 0, 0]
     assert s.aux_hidden[:, 0].tolist() == [0, 1, 2, 0, 4, 5, 0, 0]
-    assert s.final_hidden[:, 0].tolist() == [101, 102, 103, 0, 105, 106, 0, 0]
+    assert s.target_hidden[:, 0].tolist() == [101, 102, 103, 0, 105, 106, 0, 0]
 
     # Batched [B, n] gives the same per row; a second row with one full-length document.
     x2 = torch.stack([x, torch.arange(30, 38)])
@@ -85,7 +85,7 @@ def test_eagle_shift_single_document_matches_speculators_convention():
     s = eagle_shift(x, l, torch.zeros(n, dtype=torch.long), g, y)
     assert torch.equal(s.input_ids[:-1], x[1:])
     assert torch.equal(s.aux_hidden[:-1], g[:-1])
-    assert torch.equal(s.final_hidden[:-1], y[1:])
+    assert torch.equal(s.target_hidden[:-1], y[1:])
     assert torch.equal(s.loss_mask[:-1].long(), l[1:])
     assert s.document_ids[-1] == -1 and not s.loss_mask[-1]
 
@@ -279,9 +279,9 @@ def test_tokenizer_without_chat_template(chat_tokenizer_dir, tmp_path):
 
 
 def test_prepare_writes_dataset_manifest_counts(chat_tokenizer_dir, chat_tokenizer, tmp_path, monkeypatch):
-    import peagle.data
+    import peagle.data.preparation
 
-    monkeypatch.setattr(peagle.data, "_ARROW_CHUNK", 2)  # exercise the chunked Arrow path
+    monkeypatch.setattr(peagle.data.preparation, "_ARROW_CHUNK", 2)  # exercise the chunked Arrow path
     src = tmp_path / "mixed.jsonl"
     lines = [json.dumps({"messages": c}) for c in CHATS]
     lines.append(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
@@ -426,7 +426,8 @@ def test_draft_vocab_and_mask_token_written_inside_the_dataset(llama_dir, chat_j
     out = tmp_path / "prep"
     s = prepare(chat_jsonl, llama_dir, out, draft_vocab_size=40, progress=False)
     V = len(chat_tokenizer) + 8  # tiny_target's embedding rows
-    choice = json.loads((out / "draft_vocab.json").read_text())
+    choice = load_prepared(out).draft_choice
+    assert not (out / "draft_vocab.json").exists()  # the choice is recorded once, in the manifest
     assert choice["draft_vocab_size"] == 40 and choice["vocab_size"] == V
     assert choice["mask_token_id"] == len(chat_tokenizer)  # the first row the tokenizer never produces
     assert load_prepared(out).manifest["draft_vocab"] == choice

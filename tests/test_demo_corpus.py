@@ -9,7 +9,7 @@ import time
 import pytest
 
 from peagle.demo.corpus import DEMO_TASKS, TASKS, generate_corpus, write_jsonl
-from peagle.demo.target import MARKER, TargetSettings, read_marker, train_demo_target
+from peagle.demo.tiny_lm import MARKER, TargetSettings, read_marker, train_demo_target
 
 
 def _prompt(r: dict) -> str:
@@ -149,7 +149,7 @@ def test_train_demo_target_smoke_and_cache(tmp_path):
 
 @pytest.mark.parametrize("env", [True, False])
 def test_default_cache_dir(monkeypatch, tmp_path, env):
-    from peagle.demo.target import default_cache_dir
+    from peagle.demo.tiny_lm import default_cache_dir
 
     if env:
         monkeypatch.setenv("PEAGLE_CACHE", str(tmp_path))

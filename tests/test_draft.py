@@ -558,3 +558,20 @@ def test_fused_swiglu_matches_plain_mlp_values_and_gradients():
     assert torch.allclose(y, plain_y)
     for a, b in zip(fused, plain, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"norm_before_fc": True}])
+def test_mask_slots_are_the_projected_mask_hidden(overrides):
+    """mask_slots(n): n copies of (mask_token_id, fc(norm?(mask_hidden))); gradients reach mask_hidden."""
+    model = PEagleDraft(small_config(**overrides))
+    randomize(model, seed=3)
+    ids, hidden = model.mask_slots(3)
+    assert ids.dtype == torch.long and ids.tolist() == [39, 39, 39]
+    row = model.project_aux(model.mask_hidden.reshape(1, -1))[0]
+    assert hidden.shape == (3, 32) and torch.equal(hidden, row.expand(3, -1))
+    assert torch.equal(hidden[0], model.projected_mask_hidden())
+    hidden.sum().backward()
+    assert model.mask_hidden.grad is not None and model.mask_hidden.grad.abs().sum() > 0
+    ids0, hidden0 = model.mask_slots(0, torch.float64)
+    assert ids0.shape == (0,) and hidden0.shape == (0, 32) and hidden0.dtype == torch.float64
+    assert model.mask_slots(2, torch.float64)[1].dtype == torch.float64

@@ -1,4 +1,4 @@
-"""peagle.evaluate: the one-pass acceptance simulation equals a literal speculative-decoding loop,
+"""peagle.eval: the one-pass acceptance simulation equals a literal speculative-decoding loop,
 vLLM's metric definitions on hand-made sequences, d2t mapping, context rejection, plots, CLI."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peagle.cli import _cmd_eval as _run_eval
+from peagle.cli import build_parser
 from peagle.cod import document_starts, full_cod
 from peagle.draft import DraftConfig, PEagleDraft
-from peagle.evaluate import (
+from peagle.eval import (
     ContinuationSet,
     EvalError,
-    _rounds_by_k,
     acceptance_metrics,
     acceptance_on,
-    cli_main,
     draft_token_tables,
     evaluate,
     greedy_generate,
@@ -29,8 +29,14 @@ from peagle.evaluate import (
     simulate_rounds,
     tokenize_prompts,
 )
+from peagle.eval.rounds import _rounds_by_k
 from peagle.mask import DenseCODAttention
 from peagle.target import Target
+
+
+def cli_main(argv: list[str]) -> int:  # `peagle eval ARGV` (the parser and command of peagle.cli)
+    return _run_eval(build_parser().parse_args(["eval", *argv]))
+
 
 K_MAX = 4
 NEW_TOKENS = 14
@@ -426,7 +432,7 @@ def test_eval_refuses_a_target_the_draft_was_not_trained_for(target, llama_dir, 
     or another model, is refused by name unless --allow-other-target."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peagle.evaluate import check_verifier
+    from peagle.eval import check_verifier
     from peagle.target import verifier_fingerprint
 
     tok = AutoTokenizer.from_pretrained(llama_dir)

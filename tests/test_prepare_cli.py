@@ -13,6 +13,7 @@ from conftest import CHATS
 from test_data import swapped_vocab_tokenizer
 
 from peagle.cli import main
+from peagle.data import load_prepared
 
 GOOD = [json.dumps({"messages": c}) for c in CHATS]
 
@@ -117,7 +118,7 @@ def test_prepare_skip_mode_summary(capsys, llama_dir, tmp_path) -> None:
     assert "one_rendering: 3 records" in cap.out and f"prepared dataset: {out}" in cap.out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["bad_records"]["counts"] == {"malformed_json": 1, "not_utf8": 1}
-    assert json.loads((out / "draft_vocab.json").read_text())["mask_token_id"] == manifest["draft_vocab"][
+    assert load_prepared(out).draft_choice["mask_token_id"] == manifest["draft_vocab"][
         "mask_token_id"]
 
 

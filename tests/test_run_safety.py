@@ -251,8 +251,8 @@ def _nan_at_step(monkeypatch: pytest.MonkeyPatch, bad_step: int) -> None:
     orig = PEagleTrainer.forward
     calls = {"n": 0}
 
-    def forward(self, batch, normalizer=None, segment=None):  # noqa: ANN001, ANN202
-        out = orig(self, batch, normalizer, segment=segment)
+    def forward(self, unit, normalizer=None):  # noqa: ANN001, ANN202
+        out = orig(self, unit, normalizer)
         if self.training:
             calls["n"] += 1
             if calls["n"] == bad_step:
@@ -298,7 +298,7 @@ def test_nonfinite_loss_skip_mode(capsys, monkeypatch, prep128: Path, llama_dir:
     assert adam_steps == {3: {2.0}, 4: {3.0}}  # AdamW took no step for the skipped one
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs] == [False, False, True, False]
-    assert json.loads((run / "step-00000004" / "trainer_state.json").read_text())["extra"]["nonfinite_skipped"] == 1
+    assert json.loads((run / "step-00000004" / "trainer_state.json").read_text())["skipped_steps"] == 1
     assert "1 step(s) skipped" in (run / "report.md").read_text()
 
 

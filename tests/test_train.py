@@ -12,7 +12,9 @@ import yaml
 
 from peagle.cli import main
 from peagle.config import load_config
-from peagle.train import lr_factor, train
+from peagle.data import load_prepared
+from peagle.optim import lr_factor
+from peagle.train import train
 
 CHATS = [
     [{"role": "user", "content": "count from 3 to 9"}, {"role": "assistant", "content": "3 4 5 6 7 8 9"}],
@@ -109,11 +111,11 @@ def test_heldout_prompts_are_the_chat_prompts(llama_dir: Path, llama_data: Path,
     from transformers import AutoTokenizer
 
     from peagle.data import load_prepared
-    from peagle.evaluate import tokenize_prompts
-    from peagle.train import _Data
+    from peagle.data.loader import TrainData
+    from peagle.eval import tokenize_prompts
 
     cfg = load_config(_config(tmp_path, llama_data, llama_dir, "run", data={"val_fraction": 0.2}))
-    data = _Data(cfg, load_prepared(llama_data), rows_per_step=1)
+    data = TrainData(cfg, load_prepared(llama_data), rows_per_step=1)
     got = data.heldout_prompts(3)
     assert len(got) == 3
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -140,7 +142,7 @@ def test_prepare_train_export_load(
 ) -> None:
     target = request.getfixturevalue(f"{kind}_dir")
     data = _prepare(target, chats, tmp_path / "prep")
-    choice = json.loads((data / "draft_vocab.json").read_text())
+    choice = load_prepared(data).draft_choice
     assert choice["draft_vocab_size"] == 128 and choice["coverage"] > 0.9
     # llama: AL on a prompt file; qwen3: no eval.prompts → AL on the prompts of validation examples
     extra = {"eval": {"prompts": str(prompts), "max_new_tokens": 6}} if kind == "llama" else {
@@ -272,23 +274,23 @@ def test_one_process_sums_each_partitioned_micro_batch_apart(
     from peagle.trainer import PEagleTrainer
 
     seen: dict[str, Any] = {"batches": [], "grads": None}
-    plan = PEagleTrainer.plan
+    units = PEagleTrainer.units
 
-    def spy_plan(self: PEagleTrainer, batch: Any) -> Any:
+    def spy_units(self: PEagleTrainer, batch: Any, layout: Any = None) -> Any:
         if "initial" not in seen:  # before any backward: the draft the step starts from
             seen["initial"] = copy.deepcopy(self)
         seen["batches"].append(batch)
-        return plan(self, batch)
+        return units(self, batch, layout)
 
-    grad_norm = train_mod._grad_norm
+    grad_norm = train_mod.grad_norm
 
     def spy_grad_norm(params: list[torch.Tensor], clip: float | None) -> float:
         if seen["grads"] is None:
             seen["grads"] = [p.grad.clone() for p in params]
         return grad_norm(params, clip)
 
-    monkeypatch.setattr(PEagleTrainer, "plan", spy_plan)
-    monkeypatch.setattr(train_mod, "_grad_norm", spy_grad_norm)
+    monkeypatch.setattr(PEagleTrainer, "units", spy_units)
+    monkeypatch.setattr(train_mod, "grad_norm", spy_grad_norm)
     cfg = _config(
         tmp_path,
         llama_data,
@@ -306,10 +308,10 @@ def test_one_process_sums_each_partitioned_micro_batch_apart(
     for batch in batches:
         for p in params:
             p.grad = None
-        ref_plan = ref.plan(batch)
-        assert len(ref_plan.units) > 1
-        for u in range(len(ref_plan.units)):
-            ref(batch, normalizer, segment=(ref_plan, u)).loss.backward()
+        ref_units = list(ref.units(batch))
+        assert len(ref_units) > 1
+        for unit in ref_units:
+            ref(unit, normalizer).loss.backward()
         per_micro.append([p.grad.clone() for p in params])
     want = [g0 + g1 for g0, g1 in zip(*per_micro, strict=True)]
     assert len(seen["grads"]) == len(want)
@@ -358,17 +360,17 @@ def test_validation_split_keeps_each_chat_on_one_side(llama_dir: Path, tmp_path:
     chat the split is the seeded example permutation it always was."""
     from types import SimpleNamespace
 
-    from peagle.train import _Data
+    from peagle.data.loader import TrainData
 
     groups = [[0, 1, 2], [3], [4, 5], [6], [7, 8, 9, 10], [11], [12], [13, 14], [15]]
     fake = SimpleNamespace(lengths=[8] * 16, record_groups=lambda: groups)
     cfg = load_config(_config(tmp_path, tmp_path, llama_dir, "split", data={"val_fraction": 0.25, "max_length": 64}))
-    data = _Data(cfg, fake, rows_per_step=1)
+    data = TrainData(cfg, fake, rows_per_step=1)
     val = set(data.val_ids)
     assert val and set(data.train_ids) == set(range(16)) - val
     for grp in groups:
         assert set(grp) <= val or not set(grp) & val, grp
     one_each = SimpleNamespace(lengths=[8] * 16, record_groups=lambda: [[i] for i in range(16)])
-    data = _Data(cfg, one_each, rows_per_step=1)
+    data = TrainData(cfg, one_each, rows_per_step=1)
     g = torch.Generator().manual_seed(cfg.train.seed)
     assert data.val_ids == sorted(torch.randperm(16, generator=g).tolist()[:4])

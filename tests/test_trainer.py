@@ -9,11 +9,11 @@ from peagle.loss import TargetHead
 H, V, VD, K = 32, 64, 48, 4
 
 
-def make_draft(seed: int = 0, layers: int = 2, vd: int = VD) -> PEagleDraft:
+def make_draft(seed: int = 0, layers: int = 2, vd: int = VD, k: int = K) -> PEagleDraft:
     torch.manual_seed(seed)
     cfg = DraftConfig(hidden_size=H, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                       intermediate_size=48, vocab_size=V, num_hidden_layers=layers, draft_vocab_size=vd,
-                      mask_token_id=V - 1, max_position_embeddings=256)
+                      mask_token_id=V - 1, max_position_embeddings=256, num_speculative_tokens=k)
     return PEagleDraft(cfg).double()
 
 
@@ -53,29 +53,28 @@ def grads_of(model):
 @pytest.mark.parametrize("segments", [2, 3, 5])
 def test_sequence_partitions_are_exact(segments):
     batch = make_batch(LAYOUT, seed=1)
-    flat = PEagleTrainer(make_draft(), num_depths=K, ratio=0.8, ratio_min=0.3)
+    flat = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3)
     out = flat(batch)
     out.loss.backward()
     want = grads_of(flat)
 
-    part = PEagleTrainer(make_draft(), num_depths=K, ratio=0.8, ratio_min=0.3, sequence_partitions=segments)
-    plan = part.plan(batch)
-    assert len(plan.units) >= 2
+    part = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3, sequence_partitions=segments)
+    units = list(part.units(batch))
+    assert len(units) >= 2
     total, charged = 0.0, []
     metrics = None
-    for i in range(len(plan.units)):
-        o = part(batch, segment=(plan, i))
+    for unit in units:
+        o = part(unit)
         o.loss.backward()
         total += float(o.loss.detach())
         metrics = o.metrics if metrics is None else metrics + o.metrics
-        unit = plan.units[i]
-        if hasattr(unit, "charged"):
+        if unit.charged is not None:
             charged += unit.charged.tolist()
     assert abs(total - float(out.loss.detach())) < 1e-10
     assert torch.equal(metrics.count_per_depth, out.metrics.count_per_depth)
     assert torch.allclose(metrics.kl_per_depth, out.metrics.kl_per_depth, atol=1e-9)
     # every supervised element charged in exactly one segment
-    assert sorted(charged) == torch.nonzero(plan.layout.supervised).squeeze(1).tolist()
+    assert sorted(charged) == torch.nonzero(units[0].layout.supervised).squeeze(1).tolist()
     got = grads_of(part)
     assert got.keys() == want.keys()
     for name in want:
@@ -84,10 +83,11 @@ def test_sequence_partitions_are_exact(segments):
 
 def test_partitioned_units_touch_only_their_elements():
     batch = make_batch([[(30, 0)]], seed=2)
-    part = PEagleTrainer(make_draft(), num_depths=K, ratio=0.8, ratio_min=0.3, sequence_partitions=3)
-    plan = part.plan(batch)
-    lay = plan.layout
-    for unit in plan.units[:-1]:
+    part = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3, sequence_partitions=3)
+    units = list(part.units(batch))
+    lay = units[0].layout
+    assert [u.kind for u in units] == ["segment"] * (len(units) - 1) + ["context"]
+    for unit in units[:-1]:
         seg_deep = set(unit.deep.tolist())
         # a chain never straddles segments: all its deep elements are in this unit
         for e in unit.deep.tolist():
@@ -100,12 +100,12 @@ def test_global_normaliser_accumulates_to_union_gradient():
     b = make_batch([[(14, 6)]], seed=4)
     union = Batch(**{f: torch.cat([getattr(a, f), getattr(b, f)]) if getattr(a, f) is not None else None
                      for f in a.__dataclass_fields__})
-    union_model = PEagleTrainer(make_draft(), num_depths=K)
+    union_model = PEagleTrainer(make_draft())
     # the union row 1 must keep b's document seeds: they are per position, so concatenation keeps them
     union_model(union).loss.backward()
     want = grads_of(union_model)
 
-    acc = PEagleTrainer(make_draft(), num_depths=K)
+    acc = PEagleTrainer(make_draft())
     total = acc.count_supervised(a) + acc.count_supervised(b)
     assert total == union_model.count_supervised(union)
     for mb in (a, b):
@@ -117,10 +117,10 @@ def test_global_normaliser_accumulates_to_union_gradient():
 
 def test_mask_hidden_gradient_only_with_deeper_depths_and_all_layers_learn():
     batch = make_batch(LAYOUT, seed=5)
-    one = PEagleTrainer(make_draft(layers=3), num_depths=1)
+    one = PEagleTrainer(make_draft(layers=3, k=1))
     one(batch).loss.backward()
     assert one.draft.mask_hidden.grad is None or not one.draft.mask_hidden.grad.any()
-    many = PEagleTrainer(make_draft(layers=3), num_depths=K)
+    many = PEagleTrainer(make_draft(layers=3))
     many(batch).loss.backward()
     assert many.draft.mask_hidden.grad.abs().sum() > 0
     for i in range(3):
@@ -130,7 +130,7 @@ def test_mask_hidden_gradient_only_with_deeper_depths_and_all_layers_learn():
 
 def test_deep_slots_carry_mask_token_and_projected_mask_hidden():
     batch = make_batch(LAYOUT, seed=6)
-    trainer = PEagleTrainer(make_draft(), num_depths=K)
+    trainer = PEagleTrainer(make_draft())
     seen = {}
     original = trainer.draft.forward
 
@@ -154,7 +154,7 @@ def test_structured_and_dense_attention_paths_agree():
     batch = make_batch(LAYOUT, seed=7)
     outs = {}
     for mode in ("structured", "dense"):
-        t = PEagleTrainer(make_draft(), num_depths=K, attention=mode)
+        t = PEagleTrainer(make_draft(), attention=mode)
         o = t(batch)
         o.loss.backward()
         outs[mode] = (float(o.loss), grads_of(t))
@@ -169,10 +169,10 @@ def test_target_hidden_with_head_equals_target_logits():
     head = TargetHead.from_weights(torch.rand(H, dtype=torch.float64) + 0.5, 1e-6,
                                    torch.randn(V, H, dtype=torch.float64))
     # same COD and draft: compare against explicit logits restricted to the (identity) draft vocab
-    trainer_h = PEagleTrainer(make_draft(vd=V), num_depths=K, target_head=head)
+    trainer_h = PEagleTrainer(make_draft(vd=V), target_head=head)
     logits = head(batch.target_hidden.reshape(-1, H)).reshape(*batch.input_ids.shape, V).double()
     batch_l = Batch(**{**batch.__dict__, "target_hidden": None, "target_logits": logits})
-    trainer_l = PEagleTrainer(make_draft(vd=V), num_depths=K)
+    trainer_l = PEagleTrainer(make_draft(vd=V))
     a, b = trainer_h(batch), trainer_l(batch_l)
     assert torch.allclose(a.loss.double(), b.loss.double(), atol=1e-5)
 
@@ -180,7 +180,7 @@ def test_target_hidden_with_head_equals_target_logits():
 def test_rows_are_independent_documents():
     """A document's loss contribution does not depend on which row or batch it is in."""
     a = make_batch([[(10, 0)]], seed=9)
-    t = PEagleTrainer(make_draft(), num_depths=K)
+    t = PEagleTrainer(make_draft())
     alone = t(a).metrics
     pad = make_batch([[(6, 0)]], seed=10)
     n = 10
@@ -202,7 +202,7 @@ def test_rows_are_independent_documents():
 def test_tiny_draft_overfits_a_fixed_batch():
     batch = make_batch([[(24, 0), (20, 4)], [(40, 8)]], seed=11)
     torch.manual_seed(0)
-    trainer = PEagleTrainer(make_draft().float(), num_depths=K)
+    trainer = PEagleTrainer(make_draft().float())
     batch = Batch(**{f: (getattr(batch, f).float() if getattr(batch, f) is not None
                          and getattr(batch, f).is_floating_point() else getattr(batch, f))
                      for f in batch.__dataclass_fields__})
@@ -219,8 +219,7 @@ def test_tiny_draft_overfits_a_fixed_batch():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"num_depths": 0}, "num_depths"), ({"num_depths": 2.0}, "num_depths"),
-     ({"sequence_partitions": 0}, "sequence_partitions"), ({"ratio": 0.0}, "ratio"),
+    [({"sequence_partitions": 0}, "sequence_partitions"), ({"ratio": 0.0}, "ratio"),
      ({"ratio_min": 1.5}, "ratio_min")],
 )
 def test_validation_errors(kwargs, message):
@@ -228,9 +227,28 @@ def test_validation_errors(kwargs, message):
         PEagleTrainer(make_draft(), **kwargs)
 
 
+@pytest.mark.parametrize("k", [0, 2.0])
+def test_k_is_validated_by_the_draft_config(k):
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        make_draft(k=k)
+
+
+def test_flat_unit_is_the_plain_forward():
+    batch = make_batch(LAYOUT, seed=13)
+    t = PEagleTrainer(make_draft())
+    units = list(t.units(batch))
+    assert [u.kind for u in units] == ["flat"]
+    assert torch.equal(t(units[0]).loss, t(batch).loss)
+    # the layout counted before the states exist is the one the forward uses
+    tokens_only = Batch(**{**batch.__dict__, "aux_hidden": None, "target_logits": None})
+    lay = t.layout(tokens_only)
+    assert lay.supervised_count == int(t(batch).metrics.count_per_depth.sum())
+    assert torch.equal(t(next(t.units(batch, lay))).loss, t(batch).loss)
+
+
 def test_batch_shape_errors_are_clear():
     batch = make_batch(LAYOUT, seed=12)
-    t = PEagleTrainer(make_draft(), num_depths=K)
+    t = PEagleTrainer(make_draft())
     bad = Batch(**{**batch.__dict__, "aux_hidden": batch.aux_hidden[..., :10]})
     with pytest.raises(ValueError, match="aux_hidden"):
         t(bad)

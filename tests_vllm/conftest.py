@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from peagle.cli import main
-from peagle.toy import tiny_target, train_chat_tokenizer
+from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
 
 WORDS = ["pear", "apple", "fig", "plum", "kiwi", "lime", "date", "melon"]
 NEW_TOKENS = 32
@@ -56,7 +56,7 @@ def _regenerate(target_dir: Path, prompts: list[str], path: Path) -> None:
     """Chats whose assistant turns the target wrote greedily (as P-EAGLE recipes train)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peagle.evaluate import greedy_generate, tokenize_prompts
+    from peagle.eval import greedy_generate, tokenize_prompts
 
     tok = AutoTokenizer.from_pretrained(target_dir)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()

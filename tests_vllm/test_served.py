@@ -16,7 +16,8 @@ import torch
 from conftest import CASES, NEW_TOKENS, K
 
 from peagle.draft import PEagleDraft
-from peagle.evaluate import ContinuationSet, _rounds_by_k, compare_with_vllm, draft_token_tables, evaluate
+from peagle.eval import ContinuationSet, compare_with_vllm, draft_token_tables, evaluate
+from peagle.eval.rounds import _rounds_by_k
 from peagle.target import Target
 
 NAMES = [f"{kind}-{'full' if v is None else f'vocab{v}'}" for kind, v in CASES]
@@ -71,7 +72,8 @@ def test_serving_the_export_alone(cases):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from peagle.evaluate import _load_tokenizer, stop_token_ids
+    from peagle.eval import load_tokenizer as _load_tokenizer
+    from peagle.eval import stop_token_ids
     from peagle.vllm_engine import _read_counters, _shutdown
 
     case = cases["llama-full"]

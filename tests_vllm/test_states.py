@@ -21,7 +21,7 @@ import yaml
 from conftest import CORPUS, WORDS, _prompts
 
 from peagle.cli import main
-from peagle.toy import tiny_target, train_chat_tokenizer
+from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
 
 KINDS = ("llama", "qwen3")
 MAX_LENGTH = 128

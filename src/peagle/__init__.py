@@ -10,7 +10,7 @@ from importlib import import_module
 __all__ = ["Batch", "DraftConfig", "PEagleDraft", "PEagleTrainer", "StepMetrics", "StepOutput"]
 __version__ = "0.1.0"
 
-_HOME = {"DraftConfig": "draft", "PEagleDraft": "draft", "Batch": "trainer", "PEagleTrainer": "trainer",
+_HOME = {"DraftConfig": "draft", "PEagleDraft": "draft", "Batch": "data.shift", "PEagleTrainer": "trainer",
          "StepMetrics": "trainer", "StepOutput": "trainer"}
 
 

@@ -3,8 +3,9 @@
 ``write_cache`` runs the target once over a prepared dataset and writes bf16 safetensors shards
 (``shard_00000.safetensors``: ``aux`` [T, 3H], ``final`` [T, H] concatenated over the shard's
 examples, ``offsets`` [k+1]) plus ``cache_manifest.json``. Each shard is written to a temp file
-and renamed, then recorded in the manifest (also replaced atomically), so an interrupted run
-resumes without redoing finished shards. ``CachedStates`` memory-maps the shards and serves the
+and renamed (``fsutil.atomic_file``, fsync'ed), then recorded in the manifest (also replaced
+atomically), so an interrupted run resumes without redoing finished shards; the temp files a killed
+run left behind are removed when it resumes. ``CachedStates`` memory-maps the shards and serves the
 same ``states(packed_rows)`` interface as the online ``Target``.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .data import PackedRows, PreparedData, collate, load_prepared, pack
+from .fsutil import atomic_file, clean_leftovers, write_atomic
 
 CACHE_MANIFEST = "cache_manifest.json"
 FORMAT = "peagle-cache-v1"
@@ -42,24 +43,16 @@ def _dataset_fingerprint(data: PreparedData) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(manifest, indent=1), fsync=True)
 
 
 def _save_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write one shard atomically: temp file in the same directory, fsync, rename."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path, fsync=True) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def write_cache(
@@ -77,7 +70,8 @@ def write_cache(
 
     Examples [k·shard_size, (k+1)·shard_size) form shard k; inside a shard they are packed into rows
     of ``max_length`` (default: the dataset's) and run ``rows_per_forward`` rows at a time with
-    per-document attention. Resumes: shards already recorded in the manifest are skipped.
+    per-document attention. Resumes: shards already recorded in the manifest are skipped (and the
+    temp files of a killed run removed, so run one writer per cache directory at a time).
     ``on_shard(k)`` is called after shard k is recorded. Returns the manifest.
     """
     from tqdm.auto import tqdm
@@ -85,6 +79,8 @@ def write_cache(
     data = dataset if isinstance(dataset, PreparedData) else load_prepared(dataset)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(cache_dir, "shard_*.safetensors")  # partial shards of a killed run (can be GBs)
+    clean_leftovers(cache_dir, CACHE_MANIFEST)
     n = len(data)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -113,7 +109,7 @@ def write_cache(
                              "use a new cache directory")
     else:
         manifest = {**header, "shards": {}, "complete": False}
-        _atomic_write_text(mpath, json.dumps(manifest, indent=1))
+        _write_manifest(mpath, manifest)
 
     num_shards = (n + shard_size - 1) // shard_size
     done = {int(k) for k, s in manifest["shards"].items() if (cache_dir / s["file"]).exists()}
@@ -150,14 +146,14 @@ def write_cache(
         _save_shard(cache_dir / _shard_name(k), tensors, {"start": str(start), "end": str(end)})
         manifest["shards"][str(k)] = {"file": _shard_name(k), "start": start, "end": end, "tokens": offsets[-1]}
         manifest["complete"] = len(manifest["shards"]) == num_shards
-        _atomic_write_text(mpath, json.dumps(manifest, indent=1))
+        _write_manifest(mpath, manifest)
         bar.update(1)
         if on_shard is not None:
             on_shard(k)
     bar.close()
     if not manifest["complete"]:
         manifest["complete"] = True
-        _atomic_write_text(mpath, json.dumps(manifest, indent=1))
+        _write_manifest(mpath, manifest)
     return manifest
 
 

@@ -9,10 +9,12 @@ Layout of ``<output_dir>/step-00000042/``::
     config.yaml                                  the run config
     COMPLETE                                     sha256 + size of every file above, written last
 
-A checkpoint is written into ``step-XXXXXXXX.tmp/``, every file fsync'ed, the ``COMPLETE`` marker
-written last, then the directory is renamed into place (atomic on POSIX) and the parent fsync'ed.
-A run killed mid-write therefore leaves only a ``.tmp`` directory, which is ignored (and removed
-by the next save); a checkpoint whose files do not match ``COMPLETE`` is refused on resume.
+A checkpoint is written through :func:`peagle.fsutil.atomic_dir` into ``.step-XXXXXXXX.tmp-<hex>/``,
+the ``COMPLETE`` marker written last, every file and directory fsync'ed, then the directory is renamed
+into place (atomic on POSIX) and the parent fsync'ed. A checkpoint of the same step left by an
+abandoned run is swapped out (moved aside to ``.step-XXXXXXXX.old-<hex>``, removed after the rename).
+A run killed mid-write therefore leaves only a hidden temporary, which is ignored (and removed by the
+next save); a checkpoint whose files do not match ``COMPLETE`` is refused on resume.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .fsutil import atomic_dir, clean_leftovers
 
 __all__ = [
     "CheckpointError",
@@ -48,6 +51,7 @@ __all__ = [
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_LEGACY_TMP_RE = re.compile(r"^step-\d+\.(tmp|replaced)$")  # temporaries of peagle before fsutil.atomic_dir
 
 
 class CheckpointError(ValueError):
@@ -64,7 +68,7 @@ class TrainState:
     rows_per_step: int = 0  # world_size * grad_accum * micro_batch_size when saved
     world_size: int = 1
     scheduler: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.on_nonfinite: skip)
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,24 +99,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _files(root: Path) -> list[Path]:
@@ -248,7 +234,6 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     config: dict[str, Any],
     keep_last: int | None = None,
-    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint of ``state.step`` atomically; prune to ``keep_last``; return its path.
 
@@ -263,30 +248,33 @@ def save_checkpoint(
     final = root / name
     if final.exists() and not _is_checkpoint_dir(final):
         raise CheckpointError(f"{final} exists and is not a peagle checkpoint: move it away (nothing was written)")
-    tmp = root / f"{name}.tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step-*.tmp"):  # left by a run killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-        _write_checkpoint(tmp, state, model, optimizer, rng_states, config, write_extra)
+        _clean_stale(root)
+        # replace=True: a checkpoint of the same step from an abandoned run is swapped out
+        with atomic_dir(final, replace=True, fsync=True) as tmp:
+            _write_checkpoint(tmp, state, model, optimizer, rng_states, config)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         prev = [p for _, p in list_checkpoints(root) if p != final]
         kept = f"the previous checkpoints are intact (newest: {prev[-1]})" if prev else "no earlier checkpoint exists"
         raise CheckpointError(f"cannot write checkpoint {final}: {describe_os_error(e)}; {kept}") from None
-    replaced = None
-    if final.exists():  # a checkpoint of the same step from an abandoned run: swap, then drop
-        replaced = root / f"{name}.replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
     if keep_last is not None:
         _prune(root, keep_last, keep=final)
     return final
+
+
+def _clean_stale(root: Path) -> None:
+    """Remove the temporaries of saves killed mid-write (this run holds the output dir's lock)."""
+    clean_leftovers(root, "step-*")
+    for p in root.iterdir():
+        m = _LEGACY_TMP_RE.match(p.name)
+        if m is None:
+            continue
+        final = root / p.name.rsplit(".", 1)[0]
+        if m.group(1) == "replaced" and not final.exists():  # killed between the two renames of a swap
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_checkpoint_dir(path: Path) -> bool:
@@ -301,9 +289,8 @@ def _write_checkpoint(
     optimizer: torch.optim.Optimizer,
     rng_states: list[dict[str, Any]],
     config: dict[str, Any],
-    write_extra: Callable[[Path], None] | None,
 ) -> None:
-    """Every file of a checkpoint into ``tmp``, fsync'ed, ``COMPLETE`` last."""
+    """Every file of a checkpoint into ``tmp``, ``COMPLETE`` (their sizes and sha256) last."""
     import yaml
 
     _save_model(model, tmp / "draft")
@@ -313,18 +300,9 @@ def _write_checkpoint(
         json.dumps({"format": FORMAT_VERSION, **state.__dict__}, indent=2, default=_json_default)
     )
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if write_extra is not None:
-        write_extra(tmp)
-    files = {}
-    for f in _files(tmp):
-        _fsync_file(f)
-        files[f.relative_to(tmp).as_posix()] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
-    for d in sorted({f.parent for f in _files(tmp)}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
+    files = {f.relative_to(tmp).as_posix(): {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in _files(tmp)}
     marker = tmp / MARKER
     marker.write_text(json.dumps({"format": FORMAT_VERSION, "step": state.step, "files": files}, indent=1))
-    _fsync_file(marker)
-    _fsync_dir(tmp)
 
 
 def _prune(root: Path, keep_last: int, keep: Path) -> None:
@@ -359,6 +337,9 @@ def load_checkpoint(
         verify_checkpoint(path)
     raw = json.loads((path / "trainer_state.json").read_text())
     raw.pop("format", None)
+    extra = raw.pop("extra", None)  # trainer_state.json before skipped_steps: {"extra": {"nonfinite_skipped": n}}
+    if isinstance(extra, dict) and "nonfinite_skipped" in extra:
+        raw.setdefault("skipped_steps", int(extra["nonfinite_skipped"]))
     known = set(TrainState.__dataclass_fields__)
     state = TrainState(**{k: v for k, v in raw.items() if k in known})
     if model is not None:

@@ -1,4 +1,8 @@
-"""``peagle prepare | train | eval | export | demo``.
+"""``peagle regenerate | prepare | train | eval | export | demo``: the one command line.
+
+Every subcommand is an ``_add_X`` (its parser) and ``_cmd_X`` (parse → library call → print) pair in
+this one file, so all options are in one place (which is why it is longer than the other modules);
+the work itself lives in the library (``peagle.data``, ``peagle.train``, ``peagle.eval``, …).
 
 User errors (bad config, data, paths, checkpoints) print ONE line ``peagle: error: ...`` on stderr
 and exit with status 1 (argparse usage errors: 2); unexpected exceptions keep their traceback (set
@@ -25,16 +29,8 @@ class CliError(Exception):
     """A command that cannot run as asked (printed as one line)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "bad input", printed as one line."""
-    kinds: list[type[BaseException]] = [CliError, ValueError, FileNotFoundError, NotADirectoryError]
-    try:
-        from .errors import PeagleError  # type: ignore[import-not-found]
-
-        kinds.append(PeagleError)
-    except ImportError:
-        pass
-    return tuple(kinds)
+# Exception types that mean "bad input", printed as one line (when raised by peagle's own checks).
+USER_ERRORS: tuple[type[BaseException], ...] = (CliError, ValueError, FileNotFoundError, NotADirectoryError)
 
 
 def _raised_by_peagle(e: BaseException) -> bool:
@@ -128,16 +124,15 @@ def _add_prepare(sub: Any) -> None:
 
 
 def _target_vocab_size(target: str, trust_remote_code: bool) -> int | None:
+    """The target's embedding rows (``target.target_shape``); None for a tokenizer-only directory."""
+    from .target import TargetError, target_shape
+
     if not (Path(target) / "config.json").is_file():
         return None
-    from transformers import AutoConfig
-
     try:
-        cfg = AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except Exception:
+        return target_shape(target, trust_remote_code)[0]
+    except TargetError:
         return None
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return int(getattr(cfg, "vocab_size", 0) or 0) or None
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -309,41 +304,166 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str, argv: list[str]) -> int:
-    """Run ``cli_main(argv)`` (or ``main``) of ``peagle.<module>`` or ``peagle.<module>.cli``.
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="exact offline acceptance length (see `peagle eval --help`)",
+        description="Exact offline acceptance length of a P-EAGLE draft (vLLM greedy semantics).",
+    )
+    p.add_argument("--target", required=True, help="local Hugging Face target model directory")
+    p.add_argument("--draft", required=True,
+                   help="exported draft, training checkpoint, or run directory (its newest complete checkpoint)")
+    p.add_argument("--prompts", required=True, help="JSONL of chats ({'messages': ...}) or {'prompt': ...}")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="K (default: the draft's trained speculative_tokens)")
+    p.add_argument("--json", default=None, help="write the results JSON here")
+    p.add_argument("--out", default=None, help="write PNG plots (and eval.json unless --json) here")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() batch")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--check-exact", action="store_true",
+                   help="also run the literal speculative-decoding loop per prompt and check it agrees (slow)")
+    p.add_argument("--engine", choices=("offline", "vllm"), default="offline",
+                   help="offline: peagle's exact prediction (no vLLM needed); vllm: also serve target + draft in "
+                        "vLLM (parallel drafting, greedy, one engine per K') and print vLLM's own counters beside it")
+    p.add_argument("--allow-other-target", action="store_true",
+                   help="evaluate even when the draft records another target (shape, tokenizer, weights)")
+    p.add_argument("--no-progress", action="store_true")
 
-    Imported lazily, so other commands never depend on these modules.
-    """
-    import importlib
 
-    for name in (f".{module}", f".{module}.cli", f".{module}.run"):
-        try:
-            mod = importlib.import_module(name, __package__)
-        except ModuleNotFoundError as e:
-            if e.name is not None and not e.name.startswith(f"{__package__}.{module}"):
-                raise
-            continue
-        fn = getattr(mod, "cli_main", None) or getattr(mod, "main", None)
-        if fn is not None:
-            return int(fn(argv) or 0)
-    raise CliError(f"peagle {module}: peagle.{module} provides no cli_main(argv) in this installation")
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """`peagle eval`: 0 ok, 1 bad input (one line ``peagle eval: error: ...``), 3 the literal loop
+    disagrees (--check-exact), 4 vLLM's counters differ from the offline prediction (--engine vllm)."""
+    from .data import DataError
+    from .eval import EvalError, check_exact, check_outputs, evaluate, load_draft
+    from .target import Target, TargetError
+    from .vllm_engine import VLLMError
+
+    try:
+        if args.max_new_tokens < 1:
+            raise EvalError("--max-new-tokens must be >= 1")
+        if args.batch_size < 1:
+            raise EvalError("--batch-size must be >= 1")
+        check_outputs(args.out, args.json)
+        draft = load_draft(args.draft)
+        # the target's states at the draft's own aux layers (in increasing order, as vLLM feeds them)
+        target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code,
+                        aux_layer_ids=draft.config.aux_layer_ids)
+        draft = draft.to(target.device)
+        json_path = args.json
+        if json_path is None and args.out is not None:
+            json_path = Path(args.out) / "eval.json"
+        vllm_dir = None
+        if args.engine == "vllm":
+            from .export import find_draft_dir
+
+            vllm_dir = find_draft_dir(args.draft)
+        result = evaluate(target, draft, args.prompts, args.max_new_tokens, args.num_speculative_tokens,
+                          out_dir=args.out, json_path=json_path, chat_template=args.chat_template,
+                          batch_size=args.batch_size, progress=not args.no_progress, vllm_draft_dir=vllm_dir,
+                          allow_other_target=args.allow_other_target)
+        if vllm_dir is not None and not result.vllm["agrees"]:
+            return 4
+        if args.check_exact:
+            bad = check_exact(target, draft, args.prompts, result.prompts, result.num_speculative_tokens,
+                              args.max_new_tokens, chat_template=args.chat_template, progress=not args.no_progress)
+            return 3 if bad else 0
+    except (EvalError, TargetError, DataError, FileNotFoundError, VLLMError) as e:
+        print(f"peagle eval: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
+
+
+def _add_regenerate(sub: Any) -> None:
+    p = sub.add_parser("regenerate", help="the target rewrites the assistant turns of chat data",
+                       description="Regenerate the assistant turns of chat data with the target.")
+    p.add_argument("inputs", nargs="+", help="chat files (JSONL / JSON / parquet / datasets dirs), as prepare reads")
+    p.add_argument("--out", required=True, help="output JSONL (resumes from OUT.partial)")
+    p.add_argument("--server", action="append", default=[],
+                   help="OpenAI-compatible server URL (repeat for data parallelism), e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name at the servers (default: the first /v1/models id)")
+    p.add_argument("--engine", choices=("server", "vllm", "hf"), default=None,
+                   help="server (default with --server), or in-process vllm / hf (need --target)")
+    p.add_argument("--target", default=None, help="target model directory for --engine vllm / hf")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--drop-truncated", action="store_true", help="leave out records with a turn cut at max-tokens")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (server engine)")
+    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generate() batch (hf engine)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--split", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_regenerate(args: argparse.Namespace) -> int:
+    """`peagle regenerate`: 1 on bad input or when no server answers (``peagle regenerate: error: ...``)."""
+    from .data import DataError
+    from .regenerate import RegenError, Sampling, check_sampling, make_engine, regenerate
+
+    try:
+        sampling = Sampling(args.temperature, args.top_p, args.max_tokens)
+        check_sampling(sampling, args.concurrency)
+        engine = make_engine(args.engine, servers=args.server, model=args.model, target=args.target,
+                             concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
+                             batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
+                             pipeline_parallel_size=args.pipeline_parallel_size)
+        regenerate(args.inputs, args.out, engine, sampling=sampling, drop_truncated=args.drop_truncated,
+                   split=args.split, limit=args.limit, progress=not args.no_progress)
+    except (RegenError, DataError, OSError) as e:
+        print(f"peagle regenerate: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    from .demo.tiny_lm import default_cache_dir
+
+    p = sub.add_parser(
+        "demo", help="the embedded CPU demo: a real draft trained end to end on this machine",
+        description="Train a P-EAGLE draft end to end on this CPU (synthetic corpus, tiny cached target) "
+        "and write a report: prepare → train → eval → export, the path a real model takes.")
+    p.add_argument("--out", default="demo-output", help="report folder (default: demo-output)")
+    p.add_argument("--cache-dir", default=None,
+                   help=f"where the trained demo target is cached (default: $PEAGLE_CACHE or {default_cache_dir()})")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (about a minute; AL is not meaningful)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """`peagle demo`: 1 when a stage fails (``peagle demo: error: ...``)."""
+    from .demo.run import DemoError, run_demo
+
+    try:
+        run_demo(args.out, args.cache_dir, quick=args.quick, progress=not args.no_progress)
+    except DemoError as e:
+        if os.environ.get("PEAGLE_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"peagle demo: error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser (eval and demo forward their arguments to their own parsers)."""
+    """The top-level parser: every subcommand's arguments."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="peagle", description="Train P-EAGLE draft heads that vLLM serves.")
     parser.add_argument("--version", action="version", version=f"peagle {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{regenerate,prepare,train,eval,export,demo}")
     sub.required = True
-    sub.add_parser("regenerate", help="the target rewrites the assistant turns (see `peagle regenerate --help`)",
-                   add_help=False)
+    _add_regenerate(sub)
     _add_prepare(sub)
     _add_train(sub)
-    sub.add_parser("eval", help="exact offline acceptance length (see `peagle eval --help`)", add_help=False)
+    _add_eval(sub)
     _add_export(sub)
-    sub.add_parser("demo", help="the embedded CPU demo (see `peagle demo --help`)", add_help=False)
+    _add_demo(sub)
     return parser
 
 
@@ -354,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     # (export HF_HUB_OFFLINE=0 to allow them).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if "--no-progress" in argv:  # also silence transformers' weight-loading and hub bars
-        from .train import quiet_hf_progress
+        from .runlog import quiet_hf_progress
 
         with quiet_hf_progress():
             return _dispatch(argv)
@@ -362,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    if argv and argv[0] in ("eval", "demo", "regenerate"):
-        return _guard(lambda: _delegate(argv[0] if argv[0] != "eval" else "evaluate", argv[1:]))
     parser = build_parser()
     if argv and argv[0] == "train":
         args, rest = parser.parse_known_args(argv)
@@ -375,6 +493,12 @@ def _dispatch(argv: list[str]) -> int:
         return _guard(lambda: _cmd_train(args, rest))
     if args.command == "export":
         return _guard(lambda: _cmd_export(args))
+    if args.command == "eval":
+        return _guard(lambda: _cmd_eval(args))
+    if args.command == "regenerate":
+        return _guard(lambda: _cmd_regenerate(args))
+    if args.command == "demo":
+        return _guard(lambda: _cmd_demo(args))
     parser.error(f"unknown command {args.command!r}")
     return 2
 
@@ -386,7 +510,7 @@ def _guard(fn: Any) -> int:
     except KeyboardInterrupt:
         print("peagle: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         if debug or not (isinstance(e, CliError) or _raised_by_peagle(e)):
             raise
         print(f"peagle: error: {_one_line(e)}", file=sys.stderr)

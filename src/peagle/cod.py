@@ -25,7 +25,15 @@ import numbers
 
 import torch
 
-__all__ = ["assign_segments", "chain_table", "document_starts", "full_cod", "sample_cod"]
+__all__ = [
+    "assign_segments",
+    "chain_table",
+    "chains",
+    "document_starts",
+    "full_cod",
+    "local_chains",
+    "sample_cod",
+]
 
 _M32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: a 32-bit value times one of them stays below 2**63, so every product
@@ -409,3 +417,32 @@ def chain_table(anchor: torch.Tensor, depth: torch.Tensor, num_depths: int) -> t
     loc = torch.searchsorted(sorted_keys, queries).clamp(max=m - 1)
     found = sorted_keys[loc] == queries
     return torch.where(found, order[loc], torch.full_like(loc, -1))
+
+
+def chains(anchor: torch.Tensor, depth: torch.Tensor, num_depths: int) -> torch.Tensor:
+    """LongTensor [M, K-1]: each element's own chain, the keys it attends besides the depth-0 stream.
+
+    Column j - 1 holds the index of the element (anchor[m], j) for 1 <= j <= depth[m] and -1 beyond
+    the element's own depth (a query never sees its chain's deeper slots): ``chain_table(...)[:, 1:]``
+    masked by ``j <= depth``. A depth-0 element's row is all -1.
+    """
+    table = chain_table(anchor, depth, num_depths)[:, 1:]
+    cols = torch.arange(1, num_depths, device=table.device)
+    return torch.where(cols[None, :] <= depth.to(torch.long)[:, None], table, -1)
+
+
+def local_chains(chain: torch.Tensor, elements: torch.Tensor, num_elements: int) -> torch.Tensor:
+    """The chains of ``elements`` re-indexed to positions within ``elements`` ([len(elements), K-1]).
+
+    ``chain`` = ``chains(...)[elements]`` (global element ids, -1 = none); ``num_elements`` = M, the
+    number of global ids. Entry e becomes i where ``elements[i] == e``; -1 stays -1, and so does an id
+    that is not in ``elements`` (a chunk run alone must hold whole chains for its queries to see them).
+    """
+    _check_1d_int("elements", elements)
+    if chain.dim() != 2 or chain.shape[0] != elements.numel():
+        raise ValueError(f"chain must be [len(elements)={elements.numel()}, K-1], got {tuple(chain.shape)}")
+    local = torch.full((int(num_elements),), -1, dtype=torch.long, device=elements.device)
+    local[elements] = torch.arange(elements.numel(), device=elements.device)
+    if local.numel() == 0:
+        return torch.full_like(chain, -1, dtype=torch.long)
+    return torch.where(chain >= 0, local[chain.clamp(min=0)], -1)

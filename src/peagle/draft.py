@@ -23,8 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fsutil import atomic_dir
 from .target import default_aux_layer_ids
 
 CONFIG_NAME = "config.json"
@@ -66,6 +65,21 @@ _LLAMA_FIXED = {
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 # Keys of a target's rope_parameters that do not apply to a text-only draft whose rotary dim = head_dim.
 _DROPPED_ROPE_KEYS = ("partial_rotary_factor", "mrope_section", "mrope_interleaved")
+
+
+def validate_mask_token_id(mask_token_id: object, vocab_size: int | None = None) -> int:
+    """The one check of a mask token id: an int in [0, vocab_size) (only >= 0 while the vocab is unknown).
+
+    Called by `DraftConfig`, by the config loader (no vocabulary known yet) and by
+    `peagle.vocab.check_mask_token` (prepare), which also refuses an id that occurs in the data.
+    """
+    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int):
+        raise ValueError(f"mask_token_id must be an int, got {mask_token_id!r}")
+    if mask_token_id < 0 or (vocab_size is not None and mask_token_id >= vocab_size):
+        rows = f": the target embedding has {vocab_size} rows (valid ids 0..{vocab_size - 1})" if vocab_size else ""
+        raise ValueError(f"mask_token_id {mask_token_id} is out of range{rows}; it must be >= 0")
+    return mask_token_id
+
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -147,13 +161,7 @@ class DraftConfig:
         if self.target_hidden_size is None:
             self.target_hidden_size = self.hidden_size
         positive("target_hidden_size")
-        if isinstance(self.mask_token_id, bool) or not isinstance(self.mask_token_id, int) or not (
-            0 <= self.mask_token_id < self.vocab_size
-        ):
-            raise ValueError(
-                f"mask_token_id must be an int in [0, vocab_size={self.vocab_size}), "
-                f"got {self.mask_token_id!r}"
-            )
+        validate_mask_token_id(self.mask_token_id, self.vocab_size)
         if self.norm_before_fc and self.fc_norm:
             raise ValueError("norm_before_fc and fc_norm are mutually exclusive (one pre-fc norm scheme)")
         if self.hidden_act != "silu":
@@ -579,6 +587,21 @@ class PEagleDraft(nn.Module):
         """The hidden row of every mask slot, [H]: mask_hidden through the same norm/fc as real aux."""
         return self.project_aux(self.mask_hidden).reshape(-1)
 
+    def mask_slots(self, n: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input of n mask slots: (ids [n] = mask_token_id, hidden [n, H] = projected mask_hidden).
+
+        This is what vLLM's parallel drafting feeds every draft slot past the bonus token (depth >= 1),
+        whatever the anchor: training (COD depth >= 1 elements), evaluation and the literal loop build
+        their mask slots here. ``hidden`` is an expanded view of one row (gradients reach mask_hidden
+        and fc); ``dtype`` casts that row (default: as `projected_mask_hidden` returns it). Positions
+        are the caller's (position of the anchor + depth).
+        """
+        row = self.projected_mask_hidden()
+        if dtype is not None:
+            row = row.to(dtype)
+        ids = torch.full((n,), self.config.mask_token_id, dtype=torch.long, device=row.device)
+        return ids, row.reshape(1, -1).expand(n, -1)
+
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(
@@ -679,34 +702,18 @@ class PEagleDraft(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json + model.safetensors (speculators format) atomically.
 
-        Files are written to a temporary directory beside `directory`, which then replaces it by
-        rename, so a reader never sees a half-written checkpoint.
+        Written through `fsutil.atomic_dir` (a temporary directory beside `directory` renamed into
+        place), so a reader never sees a half-written checkpoint.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()
                  if k not in self._omitted_keys()}
         dtype = str(self.fc.weight.dtype).removeprefix("torch.")
-        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()  # (not tempfile.mkdtemp: its 0700 mode would survive the rename)
-        try:
+        with atomic_dir(directory, replace=True, fsync=True) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             with open(tmp / CONFIG_NAME, "w") as f:
                 json.dump(self.config.to_speculators_config(dtype=dtype), f, indent=2, sort_keys=True)
                 f.write("\n")
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                with open(tmp / name, "rb") as f:
-                    os.fsync(f.fileno())
-            old = None
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> PEagleDraft:

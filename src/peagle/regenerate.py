@@ -17,10 +17,7 @@ the partial file removed.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import threading
 import time
 import urllib.error
@@ -34,7 +31,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Completion", "HFEngine", "RegenError", "ServerEngine", "VLLMEngine", "cli_main", "regenerate"]
+from .fsutil import atomic_file
+
+__all__ = ["Completion", "HFEngine", "RegenError", "ServerEngine", "VLLMEngine", "check_sampling", "make_engine",
+           "regenerate"]
 
 
 class RegenError(ValueError):
@@ -151,7 +151,7 @@ class HFEngine:
         self.concurrency = batch_size
 
     def complete(self, requests: Sequence[Request], sampling: Sampling) -> list[Completion]:
-        from .evaluate import greedy_generate, stop_token_ids, tokenize_prompts
+        from .eval import greedy_generate, stop_token_ids, tokenize_prompts
 
         tok = self.tokenizer
         ids = tokenize_prompts(tok, [{"messages": m, "tools": t} for m, t in requests])
@@ -320,8 +320,9 @@ def regenerate(
     elapsed = time.perf_counter() - t0
     reasons = Counter(r for rec in done.values() for r in rec["finish_reasons"])
     dropped = Counter()
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
+
+    # fsync'ed before the partial file (the only other copy of the records) is removed
+    with atomic_file(out, fsync=True) as tmp, open(tmp, "w") as f:
         for i in range(len(records)):
             rec = done[i]
             if rec["empty"]:
@@ -330,7 +331,6 @@ def regenerate(
                 dropped["truncated"] += 1
             else:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
     partial.unlink()
     summary = {
         "records": len(records), "written": len(records) - sum(dropped.values()), "dropped": dict(dropped),
@@ -347,63 +347,24 @@ def regenerate(
     return summary
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
+def make_engine(engine: str | None, *, servers: Sequence[str] = (), model: str | None = None,
+                target: str | None = None, concurrency: int = 16, retries: int = 4, timeout: float = 600.0,
+                batch_size: int = 64, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> Any:
+    """The engine ``peagle regenerate`` uses: "server" (default with servers), or in-process "vllm" / "hf"
+    on ``target``; a :class:`RegenError` names what is missing."""
+    engine = engine or ("server" if servers else None)
+    if engine is None:
+        raise RegenError("give --server URL (OpenAI-compatible), or --engine vllm|hf with --target")
+    if engine != "server" and not target:
+        raise RegenError(f"--engine {engine} needs --target")
+    if engine == "server":
+        return ServerEngine(list(servers), model, concurrency=concurrency, retries=retries, timeout=timeout)
+    if engine == "hf":
+        return HFEngine(target, batch_size=batch_size)
+    return VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peagle regenerate",
-                                description="Regenerate the assistant turns of chat data with the target.")
-    p.add_argument("inputs", nargs="+", help="chat files (JSONL / JSON / parquet / datasets dirs), as prepare reads")
-    p.add_argument("--out", required=True, help="output JSONL (resumes from OUT.partial)")
-    p.add_argument("--server", action="append", default=[],
-                   help="OpenAI-compatible server URL (repeat for data parallelism), e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default=None, help="model name at the servers (default: the first /v1/models id)")
-    p.add_argument("--engine", choices=("server", "vllm", "hf"), default=None,
-                   help="server (default with --server), or in-process vllm / hf (need --target)")
-    p.add_argument("--target", default=None, help="target model directory for --engine vllm / hf")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--drop-truncated", action="store_true", help="leave out records with a turn cut at max-tokens")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (server engine)")
-    p.add_argument("--retries", type=int, default=4)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generate() batch (hf engine)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--pipeline-parallel-size", type=int, default=1)
-    p.add_argument("--split", default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """`peagle regenerate ...`; returns the exit status (1 on bad input or when no server answers)."""
-    from .data import DataError
-
-    args = _parser().parse_args(argv)
-    try:
-        engine_name = args.engine or ("server" if args.server else None)
-        if engine_name is None:
-            raise RegenError("give --server URL (OpenAI-compatible), or --engine vllm|hf with --target")
-        if args.max_tokens < 1 or args.concurrency < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-            raise RegenError("--max-tokens and --concurrency must be >= 1, --temperature >= 0, 0 < --top-p <= 1")
-        if engine_name != "server" and not args.target:
-            raise RegenError(f"--engine {engine_name} needs --target")
-        if engine_name == "server":
-            engine: Any = ServerEngine(args.server, args.model, concurrency=args.concurrency,
-                                       retries=args.retries, timeout=args.timeout)
-        elif engine_name == "hf":
-            engine = HFEngine(args.target, batch_size=args.batch_size)
-        else:
-            engine = VLLMEngine(args.target, tensor_parallel_size=args.tensor_parallel_size,
-                                pipeline_parallel_size=args.pipeline_parallel_size)
-        regenerate(args.inputs, args.out, engine,
-                   sampling=Sampling(args.temperature, args.top_p, args.max_tokens),
-                   drop_truncated=args.drop_truncated, split=args.split, limit=args.limit,
-                   progress=not args.no_progress)
-    except (RegenError, DataError, OSError) as e:
-        print(f"peagle regenerate: error: {e}", file=sys.stderr)
-        return 1
-    return 0
+def check_sampling(sampling: Sampling, concurrency: int = 1) -> None:
+    """Refuse sampling settings no engine can honour (one-line :class:`RegenError`)."""
+    if sampling.max_tokens < 1 or concurrency < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        raise RegenError("--max-tokens and --concurrency must be >= 1, --temperature >= 0, 0 < --top-p <= 1")

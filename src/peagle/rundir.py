@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -20,8 +21,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .fsutil import leftover_of
+
 __all__ = [
+    "FINAL_DIR",
     "LOCK_FILE",
+    "METRICS_FILE",
+    "REPORT_FILE",
+    "RUN_FILES",
+    "check_run_dir",
     "OutputPathError",
     "RunLock",
     "RunLockError",
@@ -33,6 +41,15 @@ __all__ = [
 ]
 
 LOCK_FILE = ".peagle.lock"
+FINAL_DIR = "final"  # the export written at the end of training
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.md"
+# What a run writes into train.output_dir besides step-XXXXXXXX/ checkpoints (a fresh run refuses
+# a directory holding anything else: it never writes over files it did not create).
+RUN_FILES = frozenset(
+    {"config.yaml", METRICS_FILE, "tensorboard", FINAL_DIR, REPORT_FILE, LOCK_FILE,
+     "loss.png", "depth_accuracy.png", "al_during_training.png"}
+)
 
 
 class OutputPathError(ValueError):
@@ -223,3 +240,33 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def _owned_by_run(name: str) -> bool:
+    """Whether ``name`` (an entry of train.output_dir) is something a peagle run writes."""
+    leftover = leftover_of(name)  # a temporary of an atomic write (fsutil)
+    return (
+        name in RUN_FILES
+        or re.fullmatch(r"step-\d+(\.tmp|\.replaced)?", name) is not None  # older peagle's temporaries
+        or (leftover is not None and (leftover[0] == FINAL_DIR or re.fullmatch(r"step-\d+", leftover[0]) is not None))
+    )
+
+
+def check_run_dir(out: Path, has_checkpoints: bool) -> None:
+    """A fresh run refuses a directory holding what it did not write; ``final/`` must be an export."""
+    from .export import is_previous_export  # export imports this module
+
+    if not has_checkpoints:
+        foreign = foreign_entries(out, _owned_by_run)
+        if foreign:
+            raise OutputPathError(
+                f"train.output_dir {out} is not empty and is not a peagle run directory (it holds "
+                f"{describe_entries(foreign, out)}); choose a new or empty directory"
+            )
+    final = out / FINAL_DIR
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or is_previous_export(final))):
+        what = describe_entries([p.name for p in final.iterdir()], final) if final.is_dir() else "a file"
+        raise OutputPathError(
+            f"train.output_dir {out}: {final} is not a peagle export ({what}); the export at the end of "
+            "training would replace it: move it away first"
+        )

@@ -79,6 +79,28 @@ def _describe(path: Path) -> str:
         return "an unreadable config.json"
 
 
+def target_shape(path: str | Path, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(vocab size, decoder layers) of a target from its ``config.json`` alone (no weights loaded).
+
+    The one reader of a target's shape (text config of multimodal targets). Raises TargetError with
+    one line naming ``path`` when it is not a Hugging Face model directory or not a decoder LM.
+    """
+    from transformers import AutoConfig
+
+    p = Path(path)
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise TargetError(f"target {path} is not a Hugging Face model directory ({_describe(p)}): "
+                          f"{_first_line(e)}") from None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab, layers = getattr(cfg, "vocab_size", None), getattr(cfg, "num_hidden_layers", None)
+    if not vocab or not layers:
+        raise TargetError(f"target {path} is not a decoder LM ({_describe(p)}): its config has no "
+                          "vocab_size / num_hidden_layers")
+    return int(vocab), int(layers)
+
+
 def block_causal_mask(document_ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """[B, 1, n, n] mask: q sees k iff same document and k ≤ q; padding (−1) sees only itself.
 

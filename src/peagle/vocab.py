@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .draft import validate_mask_token_id
+
 
 @dataclass
 class DraftVocab:
@@ -63,11 +65,8 @@ def build_draft_vocab(token_counts: Tensor, draft_vocab_size: int) -> DraftVocab
 
 
 def check_mask_token(mask_token_id: int, vocab_size: int, token_counts_all: Tensor | None = None) -> int:
-    """Refuse a mask token id outside [0, vocab_size) or one that occurs in the prepared data."""
-    mid = int(mask_token_id)
-    if not 0 <= mid < vocab_size:
-        raise ValueError(f"mask_token_id {mid} is out of range: the target embedding has {vocab_size} rows "
-                         f"(valid ids 0..{vocab_size - 1})")
+    """Refuse a mask token id outside [0, vocab_size) (`draft.validate_mask_token_id`) or one found in the data."""
+    mid = validate_mask_token_id(int(mask_token_id), vocab_size)
     if token_counts_all is not None:
         counts = torch.as_tensor(token_counts_all).reshape(-1)
         n = int(counts[mid]) if mid < counts.numel() else 0

@@ -2,7 +2,7 @@
 `peagle demo` runs end to end offline on a CPU."""
 
 from peagle.demo.corpus import generate_corpus, write_jsonl
-from peagle.demo.target import TargetSettings, default_cache_dir, target_accuracy, train_demo_target
+from peagle.demo.tiny_lm import TargetSettings, default_cache_dir, target_accuracy, train_demo_target
 
 __all__ = [
     "TargetSettings",

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 from peagle.demo.corpus import generate_corpus
-from peagle.toy import tiny_target, train_chat_tokenizer
+from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
+from peagle.fsutil import atomic_dir
 
 __all__ = [
     "MARKER",
@@ -165,7 +165,7 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to single-turn user prompts, through the chat template (``peagle.evaluate``'s
     batched HF generate). Generation stops at the model's eos ids (``<|end|>``), not part of the text."""
-    from peagle.evaluate import greedy_generate, tokenize_prompts
+    from peagle.eval import greedy_generate, tokenize_prompts
 
     end_ids = model.generation_config.eos_token_id
     end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
@@ -212,8 +212,9 @@ def train_demo_target(
 
     A finished target carries a marker whose hash covers ``settings``; on a match it is returned
     at once. Otherwise the corpus and tokenizer are built, a tiny Llama is trained, its held-out
-    exact-match accuracy measured, and the directory is published atomically (temp dir + rename)
-    so an interrupted run never leaves a half-written target behind.
+    exact-match accuracy measured, and the directory is published atomically
+    (:func:`peagle.fsutil.atomic_dir`: temp dir + rename, replacing a stale target only once the new
+    one is complete) so an interrupted run never leaves a half-written target behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,64 +229,63 @@ def train_demo_target(
     cache_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 2))
-    tmp = Path(tempfile.mkdtemp(prefix=".target-", dir=cache_dir))
     try:
-        t0 = time.perf_counter()
-        train, heldout = generate_corpus(settings.seed, settings.num_train, settings.num_heldout)
-        texts = [m["content"] for r in train for m in r["messages"]]
-        tokenizer = train_chat_tokenizer(texts, settings.vocab_size, tmp / "tokenizer")
-        tiny_target(
-            "llama",
-            tokenizer,
-            tmp / "init",
-            hidden_size=settings.hidden_size,
-            num_layers=settings.num_layers,
-            num_heads=settings.num_heads,
-            num_kv_heads=settings.num_kv_heads,
-            intermediate_size=settings.intermediate_size,
-            seed=settings.seed,
-            max_position_embeddings=512,
-            logit_scale=1.0,
-        )
-        model = AutoModelForCausalLM.from_pretrained(tmp / "init", dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(tmp / "init")
-        encoded = _encode(tokenizer, train)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(
-            f"[demo] training target: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, "
-            f"{settings.steps} steps x {settings.batch_size} chats"
-        )
-        t1 = time.perf_counter()
-        torch.manual_seed(settings.seed)
-        loss = _train(model, encoded, settings, tokenizer.pad_token_id, progress)
-        train_s = time.perf_counter() - t1
-        model_dir = tmp / "model"
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        t2 = time.perf_counter()
-        acc, per_task = target_accuracy(model_dir, heldout, settings.max_new_tokens, per_task=True)
-        eval_s = time.perf_counter() - t2
-        info = {
-            "digest": settings.digest(),
-            "settings": dataclasses.asdict(settings),
-            "heldout_accuracy": acc,
-            "heldout_accuracy_per_task": per_task,
-            "final_loss": loss,
-            "num_parameters": n_params,
-            "vocab_size": len(tokenizer),
-            "train_seconds": round(train_s, 1),
-            "eval_seconds": round(eval_s, 1),
-            "total_seconds": round(time.perf_counter() - t0, 1),
-        }
-        (model_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        log(
-            f"[demo] target trained in {train_s:.0f}s (loss {loss:.3f}); held-out exact match {acc:.1%} "
-            f"on {len(heldout)} prompts ({eval_s:.0f}s)"
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(model_dir, final)
-        return final
+        with (
+            tempfile.TemporaryDirectory(prefix=".target-scratch-", dir=cache_dir) as scratch,  # tokenizer, init
+            atomic_dir(final, replace=True) as model_dir,
+        ):
+            tmp = Path(scratch)
+            t0 = time.perf_counter()
+            train, heldout = generate_corpus(settings.seed, settings.num_train, settings.num_heldout)
+            texts = [m["content"] for r in train for m in r["messages"]]
+            tokenizer = train_chat_tokenizer(texts, settings.vocab_size, tmp / "tokenizer")
+            tiny_target(
+                "llama",
+                tokenizer,
+                tmp / "init",
+                hidden_size=settings.hidden_size,
+                num_layers=settings.num_layers,
+                num_heads=settings.num_heads,
+                num_kv_heads=settings.num_kv_heads,
+                intermediate_size=settings.intermediate_size,
+                seed=settings.seed,
+                max_position_embeddings=512,
+                logit_scale=1.0,
+            )
+            model = AutoModelForCausalLM.from_pretrained(tmp / "init", dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(tmp / "init")
+            encoded = _encode(tokenizer, train)
+            n_params = sum(p.numel() for p in model.parameters())
+            log(
+                f"[demo] training target: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, "
+                f"{settings.steps} steps x {settings.batch_size} chats"
+            )
+            t1 = time.perf_counter()
+            torch.manual_seed(settings.seed)
+            loss = _train(model, encoded, settings, tokenizer.pad_token_id, progress)
+            train_s = time.perf_counter() - t1
+            model.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            t2 = time.perf_counter()
+            acc, per_task = target_accuracy(model_dir, heldout, settings.max_new_tokens, per_task=True)
+            eval_s = time.perf_counter() - t2
+            info = {
+                "digest": settings.digest(),
+                "settings": dataclasses.asdict(settings),
+                "heldout_accuracy": acc,
+                "heldout_accuracy_per_task": per_task,
+                "final_loss": loss,
+                "num_parameters": n_params,
+                "vocab_size": len(tokenizer),
+                "train_seconds": round(train_s, 1),
+                "eval_seconds": round(eval_s, 1),
+                "total_seconds": round(time.perf_counter() - t0, 1),
+            }
+            (model_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            log(
+                f"[demo] target trained in {train_s:.0f}s (loss {loss:.3f}); held-out exact match {acc:.1%} "
+                f"on {len(heldout)} prompts ({eval_s:.0f}s)"
+            )
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         torch.set_num_threads(threads)
+    return final

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peagle.toy import END, tiny_target, train_chat_tokenizer
+from peagle.demo.offline_models import END, tiny_target, train_chat_tokenizer
 
 TEXTS = [
     "count from 3 to 9",

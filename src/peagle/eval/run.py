@@ -1,0 +1,190 @@
+"""`evaluate()`: the whole `peagle eval` run as a library call, and the checks around it.
+
+Before any work: `check_outputs` (usable --out / --json paths), `load_draft` (export, checkpoint or run
+directory), `check_verifier` (the draft was trained for this target). Then prepare the continuations,
+score the draft in one pass, simulate vLLM's rounds for every K' ≤ K, and report (table, JSON, PNGs).
+With a speculators-format draft directory, `compare_with_vllm` serves the same prompts in the real
+vLLM and puts its counters beside the prediction (docs/evaluation.md, "--engine vllm").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..draft import PEagleDraft
+from .continuations import ContinuationSet, context_length
+from .errors import EvalError
+from .prompts import load_tokenizer, stop_token_ids
+from .report import EvalResult, format_report, write_json, write_plots
+from .rounds import _metrics_by_k, _per_position_counts, _rounds_by_k, _summarise
+from .tables import draft_token_tables
+
+__all__ = ["check_outputs", "check_verifier", "compare_with_vllm", "evaluate", "load_draft"]
+
+
+def evaluate(
+    target: Any,
+    draft: PEagleDraft,
+    prompts: str | Path | Sequence[Any] | ContinuationSet,
+    max_new_tokens: int = 256,
+    num_speculative_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    json_path: str | Path | None = None,
+    *,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    print_report: bool = True,
+    vllm_draft_dir: str | Path | None = None,
+    allow_other_target: bool = False,
+) -> EvalResult:
+    """Exact offline acceptance of `draft` on `target`'s greedy continuations of `prompts`.
+
+    prompts: a JSONL/JSON file, a list of records (see `tokenize_prompts`) or a prepared
+    `ContinuationSet`. K defaults to the draft's trained `num_speculative_tokens`. Writes the JSON
+    (`json_path`) and the PNG plots (`out_dir`), prints the table, returns an `EvalResult`. With
+    `vllm_draft_dir` (the draft in speculators format) the real vLLM also serves target + draft on the
+    same prompts and its own counters go beside the prediction (`EvalResult.vllm`).
+    """
+    trained_k = int(draft.config.num_speculative_tokens)
+    k = int(num_speculative_tokens if num_speculative_tokens is not None else trained_k)
+    if k < 1:
+        raise EvalError(f"num_speculative_tokens must be >= 1, got {k}")
+    if k > trained_k:
+        raise EvalError(f"--num-speculative-tokens {k} exceeds the draft's trained K ({trained_k}, its num_depths): "
+                        f"depths ≥ {trained_k} were never trained; use K ≤ {trained_k}")
+    if int(draft.config.vocab_size) != int(target.vocab_size):
+        raise EvalError(f"the draft was built for a vocabulary of {draft.config.vocab_size} tokens, the target "
+                        f"has {target.vocab_size}: is it the draft of this target?")
+    if not allow_other_target:
+        check_verifier(draft, target, tokenizer)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if isinstance(prompts, ContinuationSet):
+        cs = prompts
+    else:
+        cs = ContinuationSet.prepare(target, prompts, max_new_tokens, tokenizer=tokenizer,
+                                     chat_template=chat_template, max_context=context_length(target, draft),
+                                     batch_size=batch_size, lookahead=k - 1, progress=progress)
+    timing["generate_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tables = draft_token_tables(draft, cs, k, progress=progress)
+    useful = _rounds_by_k(cs, tables, k, useful=True)
+    overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k, useful)
+    timing["score_s"] = time.perf_counter() - t1
+    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_metrics_by_k(useful, k))
+    if vllm_draft_dir is not None:
+        t2 = time.perf_counter()
+        result.vllm = compare_with_vllm(cs, _rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
+                                        max_context=context_length(target, draft))
+        timing["vllm_s"] = time.perf_counter() - t2
+    if out_dir is not None:
+        result.files.update(write_plots(result, out_dir))
+    if json_path is not None:
+        result.files["json"] = write_json(result, json_path)
+    if print_report:
+        print(format_report(result))
+        for name, path in result.files.items():
+            print(f"{name}: {path}")
+    return result
+
+
+def check_verifier(draft: PEagleDraft, target: Any, tokenizer: Any = None) -> None:
+    """Refuse a target the draft was not trained for: width, aux layers, and the recorded fingerprint
+    (shape, tokenizer vocabulary, final-norm weights; `peagle.target.verifier_fingerprint`)."""
+    from ..target import TargetError, resolve_aux_layer_ids, verifier_fingerprint
+
+    cfg = draft.config
+    if int(cfg.target_hidden_size) != int(target.hidden_size):
+        raise EvalError(f"the draft was trained on a target of hidden size {cfg.target_hidden_size}, this target "
+                        f"has {target.hidden_size}: is it the draft of this target?")
+    try:
+        resolve_aux_layer_ids(cfg.aux_layer_ids, int(target.num_layers))
+    except TargetError as e:
+        raise EvalError(f"the draft's {e}") from None
+    recorded = cfg.verifier_fingerprint
+    if not recorded:
+        return
+    now = verifier_fingerprint(target, tokenizer if tokenizer is not None else load_tokenizer(target))
+    diff = [f"{k} {recorded[k]!r} vs {now.get(k)!r}" for k in sorted(recorded) if recorded[k] != now.get(k)]
+    if diff:
+        raise EvalError(f"the draft was trained for another target than {target.path} ({'; '.join(diff)}); "
+                        "evaluate it with its own target, or pass --allow-other-target")
+
+
+def compare_with_vllm(
+    cs: ContinuationSet, rounds: list[dict[int, list[int]]], target: Any, draft_dir: str | Path, k: int,
+    *, max_context: int,
+) -> dict[str, Any]:
+    """Serve `cs`'s prompts in the real vLLM for K' = 1..k; its counters beside the offline prediction.
+
+    The same token ids, budgets (max new tokens, cut at the context) and stop ids as the prediction. When a
+    K' disagrees, its prompts are served again one at a time and the ones whose counters differ are listed
+    (index, offline vs vLLM drafts and accepted tokens).
+    """
+    from ..vllm_engine import served_counters
+
+    budgets = [min(cs.max_new_tokens, max_context - len(p)) for p in cs.prompt_ids]
+    stops = stop_token_ids(target, load_tokenizer(target))
+    # room for the longest request plus generous room for its last rounds' draft slots (vLLM clips drafts
+    # near max_model_len: measured, +K+1 changed its counters, +19 did not), not the whole context (KV memory)
+    longest = max(len(p) + b for p, b in zip(cs.prompt_ids, budgets, strict=True))
+    engine_len = min(max_context, longest + 4 * (k + 1) + 64)
+    served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
+                             max_model_len=engine_len)
+    out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}}
+    for kk, res in served.items():
+        offline = [m for r in rounds for m in r[kk]]
+        mine = {"num_drafts": len(offline), "num_accepted_tokens": sum(offline),
+                "accepted_per_position": _per_position_counts(offline, kk)}
+        agrees = all(res[key] == mine[key] for key in mine)
+        same_outputs = sum(o == c for o, c in zip(res["outputs"], cs.continuations, strict=True))
+        out["by_k"][str(kk)] = {**{key: v for key, v in res.items() if key != "outputs"}, "offline": mine,
+                                "agrees": agrees, "outputs_equal_offline": same_outputs}
+        out["agrees"] &= agrees
+        if not agrees:
+            alone = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, [kk],
+                                    max_model_len=engine_len, per_prompt=True)[kk]["per_prompt"]
+            out["differences"][str(kk)] = [
+                {"index": j, "offline_drafts": len(r[kk]), "offline_accepted": sum(r[kk]),
+                 "vllm_drafts": row["num_drafts"], "vllm_accepted": row["num_accepted_tokens"]}
+                for j, (r, row) in enumerate(zip(rounds, alone, strict=True))
+                if (len(r[kk]), sum(r[kk])) != (row["num_drafts"], row["num_accepted_tokens"])]
+    return out
+
+
+def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDraft:
+    """An exported draft, a training checkpoint (verified) or a run directory (its newest complete
+    checkpoint): resolved by `peagle.export.find_draft_dir`, as `peagle export` does."""
+    from ..export import ExportError, find_draft_dir
+
+    try:
+        draft_dir = find_draft_dir(path)
+    except ExportError as e:
+        raise EvalError(f"--draft {e}") from None
+    try:
+        return PEagleDraft.from_pretrained(draft_dir, device=device)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"--draft {draft_dir}: {e}") from None
+
+
+def check_outputs(out_dir: str | Path | None, json_path: str | Path | None) -> None:
+    """--out must be a usable directory and --json a usable file path (checked before any work); without
+    --json, --out/eval.json must be writable too."""
+    from ..rundir import OutputPathError, check_output_dir, check_output_file
+
+    try:
+        if out_dir is not None:
+            check_output_dir(out_dir, "--out")
+            if json_path is None:
+                check_output_file(Path(out_dir) / "eval.json", "--out")
+        if json_path is not None:
+            check_output_file(json_path, "--json")
+    except OutputPathError as e:
+        raise EvalError(str(e)) from None
