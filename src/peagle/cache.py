@@ -55,6 +55,104 @@ def _save_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def _open_cache_dir(cache_dir: str | Path) -> Path:
+    """Create the directory; remove the temp files a killed run left (partial shards can be GBs)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(cache_dir, "shard_*.safetensors")
+    clean_leftovers(cache_dir, CACHE_MANIFEST)
+    return cache_dir
+
+
+def _check_sizes(data: PreparedData, shard_size: int, max_length: int | None) -> tuple[list[int], int]:
+    """Check ``shard_size`` and the row length: (example lengths, ``max_length``, default the dataset's)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    lengths = data.lengths
+    max_length = max_length or int(data.manifest.get("max_length") or max(lengths))
+    if max(lengths) > max_length:
+        raise ValueError(f"max_length {max_length} is shorter than the longest example ({max(lengths)})")
+    return lengths, max_length
+
+
+def _header(target: Any, data: PreparedData, shard_size: int) -> dict[str, Any]:
+    """What a cache is a cache of: a resumed run must match it (the dataset's path aside)."""
+    H = int(target.hidden_size)
+    return {
+        "format": FORMAT,
+        "dataset": str(data.path.resolve()),
+        "dataset_fingerprint": _dataset_fingerprint(data),
+        "num_examples": len(data),
+        "shard_size": shard_size,
+        "target": str(Path(target.path).resolve()),
+        "aux_layer_ids": list(target.aux_layer_ids),
+        "hidden_size": H,
+        "dtype": "bfloat16",
+    }
+
+
+def _resume_or_start(cache_dir: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an earlier run with the same header, or a new (empty) one written now."""
+    mpath = cache_dir / CACHE_MANIFEST
+    if mpath.exists():
+        manifest = json.loads(mpath.read_text())
+        diff = [k for k, v in header.items() if k != "dataset" and manifest.get(k) != v]
+        if diff:
+            raise CacheError(f"{cache_dir} holds a cache for another setup (differs in {', '.join(diff)}); "
+                             "use a new cache directory")
+    else:
+        manifest = {**header, "shards": {}, "complete": False}
+        _write_manifest(mpath, manifest)
+    return manifest
+
+
+def _pending_shards(cache_dir: Path, manifest: dict[str, Any], num_shards: int) -> list[int]:
+    """The shards still to write: all but those recorded in the manifest whose file exists."""
+    done = {int(k) for k, s in manifest["shards"].items() if (cache_dir / s["file"]).exists()}
+    return [k for k in range(num_shards) if k not in done]
+
+
+def _shard_states(target: Any, data: PreparedData, lengths: list[int], start: int, end: int, max_length: int,
+                  rows_per_forward: int) -> dict[str, Tensor]:
+    """One shard's tensors: examples [start, end) packed into rows of ``max_length``, run through the
+    target ``rows_per_forward`` rows at a time, their bf16 states concatenated in example order."""
+    idx = list(range(start, end))
+    exs = [data[i] for i in idx]
+    rows = pack([lengths[i] for i in idx], max_length)
+    aux_parts: dict[int, Tensor] = {}
+    fin_parts: dict[int, Tensor] = {}
+    for r0 in range(0, len(rows), rows_per_forward):
+        chunk = rows[r0:r0 + rows_per_forward]
+        packed = collate(exs, chunk, max_length)
+        aux, fin = target.states(packed)
+        aux, fin = aux.to("cpu", torch.bfloat16), fin.to("cpu", torch.bfloat16)
+        for b, row in enumerate(chunk):
+            off = 0
+            for j in row:
+                L = lengths[start + j]
+                aux_parts[j] = aux[b, off:off + L].clone()
+                fin_parts[j] = fin[b, off:off + L].clone()
+                off += L
+    offsets = [0]
+    for j in range(len(idx)):
+        offsets.append(offsets[-1] + lengths[start + j])
+    return {
+        "aux": torch.cat([aux_parts[j] for j in range(len(idx))]),
+        "final": torch.cat([fin_parts[j] for j in range(len(idx))]),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+    }
+
+
+def _write_shard(cache_dir: Path, manifest: dict[str, Any], k: int, start: int, end: int,
+                 tensors: dict[str, Tensor], num_shards: int) -> None:
+    """Write shard k atomically, then record it in the manifest (replaced atomically too)."""
+    _save_shard(cache_dir / _shard_name(k), tensors, {"start": str(start), "end": str(end)})
+    tokens = int(tensors["offsets"][-1])
+    manifest["shards"][str(k)] = {"file": _shard_name(k), "start": start, "end": end, "tokens": tokens}
+    manifest["complete"] = len(manifest["shards"]) == num_shards
+    _write_manifest(cache_dir / CACHE_MANIFEST, manifest)
+
+
 def write_cache(
     target: Any,
     dataset: str | Path | PreparedData,
@@ -77,83 +175,25 @@ def write_cache(
     from tqdm.auto import tqdm
 
     data = dataset if isinstance(dataset, PreparedData) else load_prepared(dataset)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(cache_dir, "shard_*.safetensors")  # partial shards of a killed run (can be GBs)
-    clean_leftovers(cache_dir, CACHE_MANIFEST)
+    cache_dir = _open_cache_dir(cache_dir)
+    lengths, max_length = _check_sizes(data, shard_size, max_length)
+    manifest = _resume_or_start(cache_dir, _header(target, data, shard_size))
     n = len(data)
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    lengths = data.lengths
-    max_length = max_length or int(data.manifest.get("max_length") or max(lengths))
-    if max(lengths) > max_length:
-        raise ValueError(f"max_length {max_length} is shorter than the longest example ({max(lengths)})")
-    H = int(target.hidden_size)
-    header = {
-        "format": FORMAT,
-        "dataset": str(data.path.resolve()),
-        "dataset_fingerprint": _dataset_fingerprint(data),
-        "num_examples": n,
-        "shard_size": shard_size,
-        "target": str(Path(target.path).resolve()),
-        "aux_layer_ids": list(target.aux_layer_ids),
-        "hidden_size": H,
-        "dtype": "bfloat16",
-    }
-    mpath = cache_dir / CACHE_MANIFEST
-    if mpath.exists():
-        manifest = json.loads(mpath.read_text())
-        diff = [k for k, v in header.items() if k != "dataset" and manifest.get(k) != v]
-        if diff:
-            raise CacheError(f"{cache_dir} holds a cache for another setup (differs in {', '.join(diff)}); "
-                             "use a new cache directory")
-    else:
-        manifest = {**header, "shards": {}, "complete": False}
-        _write_manifest(mpath, manifest)
-
     num_shards = (n + shard_size - 1) // shard_size
-    done = {int(k) for k, s in manifest["shards"].items() if (cache_dir / s["file"]).exists()}
-    todo = [k for k in range(num_shards) if k not in done]
+    todo = _pending_shards(cache_dir, manifest, num_shards)
     bar = tqdm(total=num_shards, initial=num_shards - len(todo), desc="caching target states", unit="shard",
                disable=not progress)
     for k in todo:
         start, end = k * shard_size, min(n, (k + 1) * shard_size)
-        idx = list(range(start, end))
-        exs = [data[i] for i in idx]
-        rows = pack([lengths[i] for i in idx], max_length)
-        aux_parts: dict[int, Tensor] = {}
-        fin_parts: dict[int, Tensor] = {}
-        for r0 in range(0, len(rows), rows_per_forward):
-            chunk = rows[r0:r0 + rows_per_forward]
-            packed = collate(exs, chunk, max_length)
-            aux, fin = target.states(packed)
-            aux, fin = aux.to("cpu", torch.bfloat16), fin.to("cpu", torch.bfloat16)
-            for b, row in enumerate(chunk):
-                off = 0
-                for j in row:
-                    L = lengths[start + j]
-                    aux_parts[j] = aux[b, off:off + L].clone()
-                    fin_parts[j] = fin[b, off:off + L].clone()
-                    off += L
-        offsets = [0]
-        for j in range(len(idx)):
-            offsets.append(offsets[-1] + lengths[start + j])
-        tensors = {
-            "aux": torch.cat([aux_parts[j] for j in range(len(idx))]),
-            "final": torch.cat([fin_parts[j] for j in range(len(idx))]),
-            "offsets": torch.tensor(offsets, dtype=torch.int64),
-        }
-        _save_shard(cache_dir / _shard_name(k), tensors, {"start": str(start), "end": str(end)})
-        manifest["shards"][str(k)] = {"file": _shard_name(k), "start": start, "end": end, "tokens": offsets[-1]}
-        manifest["complete"] = len(manifest["shards"]) == num_shards
-        _write_manifest(mpath, manifest)
+        tensors = _shard_states(target, data, lengths, start, end, max_length, rows_per_forward)
+        _write_shard(cache_dir, manifest, k, start, end, tensors, num_shards)
         bar.update(1)
         if on_shard is not None:
             on_shard(k)
     bar.close()
     if not manifest["complete"]:
         manifest["complete"] = True
-        _write_manifest(mpath, manifest)
+        _write_manifest(cache_dir / CACHE_MANIFEST, manifest)
     return manifest
 
 

@@ -21,7 +21,7 @@ The stages, one module each (docs/conventions.md, docs/internals.md)::
 """
 
 from .packing import PackedRows, cod_seed, cod_seeds, collate, pack, positions_in_document
-from .preparation import ON_ERROR_CHOICES, SKIP_HINT, PrepareSummary, prepare
+from .preparation import ON_ERROR_CHOICES, SKIP_HINT, prepare
 from .prepared import (
     DATASET_SUBDIR,
     FORMAT,
@@ -48,6 +48,7 @@ from .records import (
     read_records,
 )
 from .shift import Batch, eagle_shift, shift_states
+from .summary import PrepareSummary
 from .templates import (
     GENERATION_FULL,
     NO_ASSISTANT,

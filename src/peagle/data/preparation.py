@@ -4,7 +4,9 @@ Reads records (``records``), tokenizes them with the target's template (``templa
 (supervised ones for the draft vocabulary, all of them for the mask-token check), chooses the draft
 vocabulary and mask token, and writes the directory described in ``prepared`` through
 ``peagle.fsutil.atomic_dir``: it appears complete or not at all. The choice is recorded once, in
-``manifest["draft_vocab"]`` (read back as ``PreparedData.draft_choice``).
+``manifest["draft_vocab"]`` (read back as ``PreparedData.draft_choice``). ``prepare`` runs the stages
+in order: ``_check_arguments`` (before the tokenizer loads), ``_load_tokenizer``, ``_tokenize_sources``,
+``_choose_draft_vocab``, ``_summary`` / ``_manifest``, ``_write``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,11 @@ from .prepared import (
     sha256_text,
     tokenizer_fingerprint,
 )
-from .records import DataError, RecordError, SplitSpec, read_records
+from .records import DataError, Record, RecordError, SplitSpec, read_records
+from .summary import STRATEGY_TEXT, PrepareSummary
 from .templates import (
-    GENERATION_FULL,
-    ONE_RENDERING,
-    PER_TURN,
+    ChatTokenization,
+    TokenizedExample,
     has_generation_blocks,
     load_chat_template,
     resolve_chat_template,
@@ -44,89 +46,6 @@ from .templates import (
 _ARROW_CHUNK = 1024  # examples per in-memory Arrow chunk while preparing
 ON_ERROR_CHOICES = ("strict", "skip")
 SKIP_HINT = "to skip bad records and list them in the summary, pass --on-error skip"
-
-
-def _histogram_edges(max_length: int) -> list[int]:
-    edges = [0]
-    e = 32
-    while e < max_length:
-        edges.append(e)
-        e *= 2
-    edges.append(max_length + 1)
-    return edges
-
-
-_STRATEGY_TEXT = {
-    ONE_RENDERING: "one rendering holds every assistant turn as generated",
-    PER_TURN: "template rewrites earlier turns: one example per distinct rendering",
-    GENERATION_FULL: "serving form not locatable: {% generation %} spans of the full rendering",
-}
-
-
-@dataclass
-class PrepareSummary:
-    """Counts of a ``prepare`` run (also stored in the manifest)."""
-
-    output_dir: str
-    read: int  # records read (bad ones included)
-    kept: int  # examples written
-    dropped: dict[str, int]  # examples (or whole records) dropped, by reason
-    truncated: int
-    tokens: int
-    supervised_tokens: int
-    histogram: list[tuple[int, int, int]]  # (lo, hi inclusive, count) over kept example lengths
-    errors: list[str] = field(default_factory=list)  # first few template errors (file:line: why)
-    records_kept: int = 0  # records with at least one example written
-    strategies: dict[str, int] = field(default_factory=dict)  # records by tokenization strategy
-    mask_source: str = "prefix"  # "generation" ({% generation %} blocks) or "prefix" (prefix rendering)
-    bad_records: dict[str, int] = field(default_factory=dict)  # skipped bad records by reason
-    bad_examples: list[str] = field(default_factory=list)  # first few skipped records (file:line: why)
-    reasoning_not_rendered: int = 0  # records with reasoning the chat template does not show
-    vocab_size: int = 0
-    draft_vocab_size: int = 0
-    coverage: float = 1.0
-    mask_token_id: int | None = None
-
-    def format_summary(self) -> str:
-        """Human-readable summary: records, examples kept / dropped by reason, bad records skipped,
-        the tokenization strategy, tokens, length histogram, draft vocabulary and mask token."""
-        bad = sum(self.bad_records.values())
-        lines = [f"records read: {self.read}" + (f" ({bad} bad, skipped)" if bad else "")]
-        lines.append(f"examples kept: {self.kept} from {self.records_kept} records"
-                     + (f" ({self.truncated} truncated)" if self.truncated else ""))
-        mask = "{% generation %} blocks" if self.mask_source == "generation" else "prefix rendering"
-        lines.append(f"assistant spans: {mask}; each turn supervised as generated at serving time")
-        for strategy, n in sorted(self.strategies.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  {strategy}: {n} records ({_STRATEGY_TEXT.get(strategy, strategy)})")
-        dropped = sum(self.dropped.values())
-        lines.append(f"examples dropped: {dropped}")
-        for reason, n in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])):
-            lines.append(f"  {reason}: {n}")
-        for err in self.errors:
-            lines.append(f"  e.g. {err}")
-        if bad:
-            lines.append(f"bad records skipped: {bad}")
-            for reason, n in sorted(self.bad_records.items(), key=lambda kv: (-kv[1], kv[0])):
-                lines.append(f"  {reason}: {n}")
-            for err in self.bad_examples:
-                lines.append(f"  e.g. {err}")
-        if self.reasoning_not_rendered:
-            lines.append(f"note: {self.reasoning_not_rendered} records carry reasoning the chat template does "
-                         "not render; it is not trained")
-        frac = self.supervised_tokens / self.tokens if self.tokens else 0.0
-        lines.append(f"tokens: {self.tokens}")
-        lines.append(f"supervised tokens: {self.supervised_tokens} ({frac:.1%})")
-        lines.append("length histogram:")
-        width = max((c for _, _, c in self.histogram), default=0)
-        for lo, hi, c in self.histogram:
-            bar = "#" * (round(40 * c / width) if width else 0)
-            lines.append(f"  {lo:>6}-{hi:<6} {c:>8} {bar}")
-        if self.vocab_size:
-            lines.append(f"draft vocabulary: {self.draft_vocab_size} of {self.vocab_size} tokens, covering "
-                         f"{self.coverage:.2%} of supervised tokens")
-        if self.mask_token_id is not None:
-            lines.append(f"mask_token_id: {self.mask_token_id}")
-        return "\n".join(lines)
 
 
 def _target_vocab_size(tokenizer_path: str | Path, tokenizer: Any, trust_remote_code: bool) -> int:
@@ -167,6 +86,280 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
                         "replaces a directory written by peagle prepare")
 
 
+@dataclass(frozen=True)
+class _Request:
+    """``prepare``'s arguments once ``_check_arguments`` has passed them (inputs a list, a parsed mask id)."""
+
+    inputs: list[str | Path]
+    tokenizer_path: str | Path
+    output_dir: Path
+    max_length: int
+    last_turn_only: bool
+    drop_long: bool
+    split: str | None
+    limit: int | None
+    chat_template: str | Path | None
+    chat_template_kwargs: Mapping[str, Any] | None
+    vocab_size: int | None
+    draft_vocab_size: int | None
+    mask_token_id: int | str  # an int, or "auto"
+    on_error: str
+    trust_remote_code: bool
+    progress: bool
+    max_errors_shown: int
+
+
+@dataclass(frozen=True)
+class _Tokenizer:
+    """The target's tokenizer, its resolved chat template, and the target vocab size V."""
+
+    tokenizer: Any
+    template: str
+    vocab_size: int
+    has_gen: bool  # the template marks assistant spans with {% generation %} blocks
+
+
+class _Tally:
+    """What the tokenizing pass accumulates: the kept examples as compact Arrow chunks (so a large
+    corpus never sits in Python lists), token counts over the target vocab, and the run's counts."""
+
+    def __init__(self, vocab_size: int, max_errors_shown: int) -> None:
+        from datasets import Features, Value
+        from datasets import Sequence as DsSequence
+
+        self.vocab_size, self.max_errors_shown = vocab_size, max_errors_shown
+        self.sup_counts = torch.zeros(vocab_size, dtype=torch.int64)  # supervised tokens: the draft vocab
+        self.all_counts = torch.zeros(vocab_size, dtype=torch.int64)  # all tokens: the mask-token check
+        self.features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8")),
+                                  "record": Value("int64")})
+        self.chunks: list[Any] = []
+        # examples since the last flush; "record": the record each comes from (per_turn: several share one)
+        self.pending: dict[str, list[Any]] = {"input_ids": [], "loss_mask": [], "record": []}
+        self.lengths: list[int] = []
+        self.dropped: Counter[str] = Counter()
+        self.strategies: Counter[str] = Counter()
+        self.bad: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.bad_examples: list[str] = []
+        self.kept = self.records_kept = self.read = self.truncated = self.tokens = self.supervised = 0
+        self.hidden_reasoning = 0
+
+    def on_bad(self, e: RecordError) -> None:
+        """A bad record skipped by ``read_records`` (``--on-error skip``): counted, the first few kept."""
+        self.bad[e.reason] += 1
+        if len(self.bad_examples) < self.max_errors_shown:
+            self.bad_examples.append(str(e))
+
+    def add(self, rec: Record, out: ChatTokenization) -> None:
+        """Count one good record and keep its usable examples."""
+        self.read += 1
+        if out.strategy is not None:
+            self.strategies[out.strategy] += 1
+        self.hidden_reasoning += out.reasoning_not_rendered > 0
+        any_kept = False
+        for ex in out.examples:
+            if ex.drop_reason is not None:
+                self.dropped[ex.drop_reason] += 1
+                if ex.error and len(self.errors) < self.max_errors_shown:
+                    self.errors.append(f"{rec.source}:{rec.line}: {ex.error}")
+                continue
+            self._keep(rec, ex)
+            any_kept = True
+        self.records_kept += any_kept
+
+    def _keep(self, rec: Record, ex: TokenizedExample) -> None:
+        """Check the ids against V, count them, and queue the example for the next Arrow chunk."""
+        V = self.vocab_size
+        ids = torch.tensor(ex.input_ids, dtype=torch.int64)
+        if ids.numel() and int(ids.max()) >= V:
+            raise DataError(f"{rec.source}:{rec.line}: token id {int(ids.max())} >= vocab size {V}")
+        m = torch.tensor(ex.loss_mask, dtype=torch.bool)
+        self.all_counts += torch.bincount(ids, minlength=V)
+        self.sup_counts += torch.bincount(ids[m], minlength=V)
+        self.pending["input_ids"].append(ex.input_ids)
+        self.pending["loss_mask"].append(ex.loss_mask)
+        self.pending["record"].append(self.read - 1)
+        self.lengths.append(len(ex.input_ids))
+        self.kept += 1
+        if len(self.pending["record"]) >= _ARROW_CHUNK:
+            self.flush()
+        self.truncated += ex.truncated
+        self.tokens += len(ex.input_ids)
+        self.supervised += int(m.sum())
+
+    def flush(self) -> None:
+        """Move the examples kept since the last flush into one Arrow chunk."""
+        from datasets import Dataset
+
+        if self.pending["record"]:
+            self.chunks.append(Dataset.from_dict(self.pending, features=self.features))
+            self.pending = {k: [] for k in self.pending}
+
+
+def _check_arguments(
+    inputs: str | Path | Sequence[str | Path], output_dir: str | Path, *, max_length: int, limit: int | None,
+    split: str | None, mask_token_id: int | str, chat_template_kwargs: Mapping[str, Any] | None, on_error: str,
+    overwrite: bool,
+) -> tuple[list[str | Path], Path, int | str]:
+    """The checks that need no tokenizer, run before it loads: (inputs as a list, output dir, mask id)."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise DataError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
+    if max_length < 2:
+        raise DataError(f"--max-length must be at least 2, got {max_length}")
+    if limit is not None and limit < 1:
+        raise DataError(f"--limit must be >= 1, got {limit}")
+    if mask_token_id != "auto":
+        try:
+            mask_token_id = int(mask_token_id)
+        except (TypeError, ValueError):
+            raise DataError(f"--mask-token-id must be 'auto' or an integer, got {mask_token_id!r}") from None
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+        raise DataError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    SplitSpec.parse(split)  # a bad split is an error before the tokenizer loads
+    return input_list, output_dir, mask_token_id
+
+
+def _load_tokenizer(req: _Request) -> _Tokenizer:
+    """Load the tokenizer and chat template, size the target vocab, and check the vocab arguments."""
+    tokenizer = load_tokenizer(req.tokenizer_path, req.trust_remote_code)
+    template = resolve_chat_template(tokenizer, load_chat_template(req.chat_template))
+    V = req.vocab_size or _target_vocab_size(req.tokenizer_path, tokenizer, req.trust_remote_code)
+    if req.draft_vocab_size is not None and not 1 <= req.draft_vocab_size <= V:
+        raise DataError(f"--draft-vocab-size must be in [1, {V}] (the target vocab), got {req.draft_vocab_size}")
+    if isinstance(req.mask_token_id, int):
+        try:
+            check_mask_token(req.mask_token_id, V)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    return _Tokenizer(tokenizer, template, V, has_generation_blocks(template))
+
+
+def _tokenize_sources(req: _Request, tok: _Tokenizer) -> _Tally:
+    """Stream the records through the chat template; bad records fail (strict) or are counted (skip).
+
+    Raises DataError when no example survives, listing the drop reasons."""
+    from tqdm.auto import tqdm
+
+    tally = _Tally(tok.vocab_size, req.max_errors_shown)
+    records = read_records(req.inputs, split=req.split, limit=req.limit,
+                           on_bad=tally.on_bad if req.on_error == "skip" else None)
+    try:
+        for rec in tqdm(records, desc="tokenizing", unit="rec", disable=not req.progress):
+            tally.add(rec, tokenize_chat_examples(
+                tok.tokenizer, rec.messages, req.max_length, last_turn_only=req.last_turn_only,
+                chat_template=tok.template, truncate=not req.drop_long, tools=rec.tools,
+                template_kwargs=req.chat_template_kwargs))
+    except RecordError as e:
+        raise DataError(f"{e}; {SKIP_HINT}") from None
+    tally.read += sum(tally.bad.values())
+    tally.flush()
+    if not tally.kept:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((tally.dropped + tally.bad).items())) or "no records read"
+        hint = tally.errors[0] if tally.errors else (tally.bad_examples[0] if tally.bad_examples else "")
+        hint = f" (e.g. {hint})" if hint else ""
+        raise DataError(f"empty dataset after filtering: {tally.read} read, 0 kept; dropped {reasons}{hint}")
+    return tally
+
+
+def _choose_draft_vocab(req: _Request, tok: _Tokenizer, tally: _Tally) -> dict[str, Any]:
+    """The draft vocabulary and mask token belong to the dataset: chosen (and checked) before writing."""
+    size = req.draft_vocab_size or tok.vocab_size
+    vocab = build_draft_vocab(tally.sup_counts, size)
+    try:
+        mask = choose_mask_token_id(tok.tokenizer, tok.vocab_size, req.mask_token_id, tally.all_counts)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": tok.vocab_size}
+
+
+def _length_histogram(lengths: list[int], max_length: int) -> list[tuple[int, int, int]]:
+    """(lo, hi inclusive, count) of the kept example lengths: buckets 0, 32, 64, … up to max_length."""
+    edges, e = [0], 32
+    while e < max_length:
+        edges.append(e)
+        e *= 2
+    edges.append(max_length + 1)
+    len_t = torch.tensor(lengths)
+    return [(lo, hi - 1, int(((len_t >= lo) & (len_t < hi)).sum())) for lo, hi in zip(edges[:-1], edges[1:],
+                                                                                        strict=True)]
+
+
+def _summary(req: _Request, tok: _Tokenizer, tally: _Tally, choice: dict[str, Any]) -> PrepareSummary:
+    """The run's counts as returned to the caller (and, through ``_manifest``, stored)."""
+    return PrepareSummary(
+        str(req.output_dir), tally.read, tally.kept, dict(tally.dropped), tally.truncated, tally.tokens,
+        tally.supervised, _length_histogram(tally.lengths, req.max_length), tally.errors,
+        records_kept=tally.records_kept, strategies=dict(tally.strategies),
+        mask_source="generation" if tok.has_gen else "prefix", bad_records=dict(tally.bad),
+        bad_examples=tally.bad_examples, reasoning_not_rendered=tally.hidden_reasoning,
+        vocab_size=tok.vocab_size, draft_vocab_size=choice["draft_vocab_size"], coverage=choice["coverage"],
+        mask_token_id=choice["mask_token_id"],
+    )
+
+
+def _manifest(req: _Request, tok: _Tokenizer, s: PrepareSummary, choice: dict[str, Any]) -> dict[str, Any]:
+    """``manifest.json``: sources, tokenizer and template identity, options, counts, the draft vocab."""
+    tokenizer_path = req.tokenizer_path
+    return {
+        "format": FORMAT,
+        "sources": [{"path": str(Path(p).resolve()),
+                     "size": Path(p).stat().st_size if Path(p).is_file() else None} for p in req.inputs],
+        "split": req.split,
+        "limit": req.limit,
+        "tokenizer": {"path": str(Path(tokenizer_path).resolve()) if Path(tokenizer_path).exists()
+                      else str(tokenizer_path),
+                      "name_or_path": getattr(tok.tokenizer, "name_or_path", None),
+                      **tokenizer_fingerprint(tok.tokenizer)},
+        "chat_template_sha256": sha256_text(tok.template),
+        "chat_template_source": str(req.chat_template) if req.chat_template is not None else "tokenizer",
+        "chat_template_kwargs": dict(req.chat_template_kwargs or {}),
+        "tokenization": {
+            "supervision": "each assistant turn as generated at serving time (after its rendered history)",
+            "spans": "generation" if tok.has_gen else "prefix",
+            "records_by_strategy": dict(s.strategies),
+            "strategies": {k: v for k, v in STRATEGY_TEXT.items() if k in s.strategies},
+        },
+        "vocab_size": tok.vocab_size,
+        "max_length": req.max_length,
+        "last_turn_only": req.last_turn_only,
+        "drop_long": req.drop_long,
+        "on_error": req.on_error,
+        "counts": {"read": s.read, "records_kept": s.records_kept, "kept": s.kept, "dropped": dict(s.dropped),
+                   "truncated": s.truncated, "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,
+                   "reasoning_not_rendered": s.reasoning_not_rendered},
+        "bad_records": {"counts": dict(s.bad_records), "first": s.bad_examples},
+        "length_histogram": [list(h) for h in s.histogram],
+        "errors": s.errors,
+        "draft_vocab": choice,
+        "columns": {"input_ids": "int32", "loss_mask": "int8", "record": "int64 (0-based index of the source record "
+                    "among the good records read; examples of one per_turn record share it)"},
+        "shifted": False,
+    }
+
+
+def _write(output_dir: Path, tally: _Tally, manifest: dict[str, Any], progress: bool) -> None:
+    """Write dataset/, token_counts.safetensors and manifest.json as one atomic directory."""
+    from datasets import concatenate_datasets
+    from datasets.utils import logging as ds_logging
+    from safetensors.torch import save_file
+
+    with atomic_dir(output_dir, replace=True) as tmp:
+        ds = tally.chunks[0] if len(tally.chunks) == 1 else concatenate_datasets(tally.chunks)
+        was_enabled = ds_logging.is_progress_bar_enabled()
+        if not progress:
+            ds_logging.disable_progress_bar()
+        try:
+            ds.save_to_disk(str(tmp / DATASET_SUBDIR))
+        finally:
+            if was_enabled:
+                ds_logging.enable_progress_bar()
+        save_file({"supervised": tally.sup_counts, "all": tally.all_counts}, str(tmp / TOKEN_COUNTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def prepare(
     inputs: str | Path | Sequence[str | Path],
     tokenizer_path: str | Path,
@@ -201,186 +394,18 @@ def prepare(
     ``"strict"`` (a bad record is an error naming file:line) or ``"skip"`` (counted by reason, the
     first few listed). Raises DataError when no example survives filtering, listing the drop reasons.
     """
-    from datasets import Dataset, Features, Value, concatenate_datasets
-    from datasets import Sequence as DsSequence
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    if on_error not in ON_ERROR_CHOICES:
-        raise DataError(f"--on-error must be one of {', '.join(ON_ERROR_CHOICES)}, got {on_error!r}")
-    if max_length < 2:
-        raise DataError(f"--max-length must be at least 2, got {max_length}")
-    if limit is not None and limit < 1:
-        raise DataError(f"--limit must be >= 1, got {limit}")
-    if mask_token_id != "auto":
-        try:
-            mask_token_id = int(mask_token_id)
-        except (TypeError, ValueError):
-            raise DataError(f"--mask-token-id must be 'auto' or an integer, got {mask_token_id!r}") from None
-    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
-        raise DataError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    input_list = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    SplitSpec.parse(split)  # a bad split is an error before the tokenizer loads
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
-    template = resolve_chat_template(tokenizer, load_chat_template(chat_template))
-    V = vocab_size or _target_vocab_size(tokenizer_path, tokenizer, trust_remote_code)
-    if draft_vocab_size is not None and not 1 <= draft_vocab_size <= V:
-        raise DataError(f"--draft-vocab-size must be in [1, {V}] (the target vocab), got {draft_vocab_size}")
-    if isinstance(mask_token_id, int):
-        try:
-            check_mask_token(mask_token_id, V)
-        except ValueError as e:
-            raise DataError(str(e)) from None
-    has_gen = has_generation_blocks(template)
-
-    sup_counts = torch.zeros(V, dtype=torch.int64)
-    all_counts = torch.zeros(V, dtype=torch.int64)
-    features = Features({"input_ids": DsSequence(Value("int32")), "loss_mask": DsSequence(Value("int8")),
-                         "record": Value("int64")})
-    chunks: list[Any] = []  # compact Arrow chunks, so a large corpus never sits in Python lists
-    kept_ids: list[list[int]] = []
-    kept_mask: list[list[int]] = []
-    kept_record: list[int] = []  # the record each example comes from (per_turn: several examples share one)
-    lengths: list[int] = []
-
-    def flush() -> None:
-        if kept_ids:
-            chunks.append(Dataset.from_dict({"input_ids": kept_ids, "loss_mask": kept_mask, "record": kept_record},
-                                            features=features))
-            kept_ids.clear()
-            kept_mask.clear()
-            kept_record.clear()
-
-    dropped: Counter[str] = Counter()
-    strategies: Counter[str] = Counter()
-    bad: Counter[str] = Counter()
-    errors: list[str] = []
-    bad_examples: list[str] = []
-
-    def on_bad(e: RecordError) -> None:
-        bad[e.reason] += 1
-        if len(bad_examples) < max_errors_shown:
-            bad_examples.append(str(e))
-
-    kept = records_kept = read = truncated = tokens = supervised = hidden_reasoning = 0
-    records = read_records(input_list, split=split, limit=limit, on_bad=on_bad if on_error == "skip" else None)
-    try:
-        for rec in tqdm(records, desc="tokenizing", unit="rec", disable=not progress):
-            read += 1
-            out = tokenize_chat_examples(tokenizer, rec.messages, max_length, last_turn_only=last_turn_only,
-                                         chat_template=template, truncate=not drop_long, tools=rec.tools,
-                                         template_kwargs=chat_template_kwargs)
-            if out.strategy is not None:
-                strategies[out.strategy] += 1
-            hidden_reasoning += out.reasoning_not_rendered > 0
-            any_kept = False
-            for ex in out.examples:
-                if ex.drop_reason is not None:
-                    dropped[ex.drop_reason] += 1
-                    if ex.error and len(errors) < max_errors_shown:
-                        errors.append(f"{rec.source}:{rec.line}: {ex.error}")
-                    continue
-                ids = torch.tensor(ex.input_ids, dtype=torch.int64)
-                if ids.numel() and int(ids.max()) >= V:
-                    raise DataError(f"{rec.source}:{rec.line}: token id {int(ids.max())} >= vocab size {V}")
-                m = torch.tensor(ex.loss_mask, dtype=torch.bool)
-                all_counts += torch.bincount(ids, minlength=V)
-                sup_counts += torch.bincount(ids[m], minlength=V)
-                kept_ids.append(ex.input_ids)
-                kept_mask.append(ex.loss_mask)
-                kept_record.append(read - 1)
-                lengths.append(len(ex.input_ids))
-                kept += 1
-                any_kept = True
-                if len(kept_ids) >= _ARROW_CHUNK:
-                    flush()
-                truncated += ex.truncated
-                tokens += len(ex.input_ids)
-                supervised += int(m.sum())
-            records_kept += any_kept
-    except RecordError as e:
-        raise DataError(f"{e}; {SKIP_HINT}") from None
-    read += sum(bad.values())
-
-    flush()
-    if not kept:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted((dropped + bad).items())) or "no records read"
-        hint = errors[0] if errors else (bad_examples[0] if bad_examples else "")
-        hint = f" (e.g. {hint})" if hint else ""
-        raise DataError(f"empty dataset after filtering: {read} read, 0 kept; dropped {reasons}{hint}")
-
-    # the draft vocabulary and mask token belong to the dataset: chosen (and checked) before writing
-    size = draft_vocab_size or V
-    vocab = build_draft_vocab(sup_counts, size)
-    try:
-        mask = choose_mask_token_id(tokenizer, V, mask_token_id, all_counts)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    choice = {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": V}
-
-    edges = _histogram_edges(max_length)
-    len_t = torch.tensor(lengths)
-    hist = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        c = int(((len_t >= lo) & (len_t < hi)).sum())
-        hist.append((lo, hi - 1, c))
-
-    summary = PrepareSummary(
-        str(output_dir), read, kept, dict(dropped), truncated, tokens, supervised, hist, errors,
-        records_kept=records_kept, strategies=dict(strategies), mask_source="generation" if has_gen else "prefix",
-        bad_records=dict(bad), bad_examples=bad_examples, reasoning_not_rendered=hidden_reasoning,
-        vocab_size=V, draft_vocab_size=size, coverage=vocab.coverage, mask_token_id=mask,
-    )
-    manifest = {
-        "format": FORMAT,
-        "sources": [{"path": str(Path(p).resolve()),
-                     "size": Path(p).stat().st_size if Path(p).is_file() else None} for p in input_list],
-        "split": split,
-        "limit": limit,
-        "tokenizer": {"path": str(Path(tokenizer_path).resolve()) if Path(tokenizer_path).exists()
-                      else str(tokenizer_path),
-                      "name_or_path": getattr(tokenizer, "name_or_path", None),
-                      **tokenizer_fingerprint(tokenizer)},
-        "chat_template_sha256": sha256_text(template),
-        "chat_template_source": str(chat_template) if chat_template is not None else "tokenizer",
-        "chat_template_kwargs": dict(chat_template_kwargs or {}),
-        "tokenization": {
-            "supervision": "each assistant turn as generated at serving time (after its rendered history)",
-            "spans": "generation" if has_gen else "prefix",
-            "records_by_strategy": dict(strategies),
-            "strategies": {k: v for k, v in _STRATEGY_TEXT.items() if k in strategies},
-        },
-        "vocab_size": V,
-        "max_length": max_length,
-        "last_turn_only": last_turn_only,
-        "drop_long": drop_long,
-        "on_error": on_error,
-        "counts": {"read": read, "records_kept": records_kept, "kept": kept, "dropped": dict(dropped),
-                   "truncated": truncated, "tokens": tokens, "supervised_tokens": supervised,
-                   "reasoning_not_rendered": hidden_reasoning},
-        "bad_records": {"counts": dict(bad), "first": bad_examples},
-        "length_histogram": [list(h) for h in hist],
-        "errors": errors,
-        "draft_vocab": choice,
-        "columns": {"input_ids": "int32", "loss_mask": "int8", "record": "int64 (0-based index of the source record "
-                    "among the good records read; examples of one per_turn record share it)"},
-        "shifted": False,
-    }
-
-    with atomic_dir(output_dir, replace=True) as tmp:
-        ds = chunks[0] if len(chunks) == 1 else concatenate_datasets(chunks)
-        from datasets.utils import logging as ds_logging
-
-        was_enabled = ds_logging.is_progress_bar_enabled()
-        if not progress:
-            ds_logging.disable_progress_bar()
-        try:
-            ds.save_to_disk(str(tmp / DATASET_SUBDIR))
-        finally:
-            if was_enabled:
-                ds_logging.enable_progress_bar()
-        save_file({"supervised": sup_counts, "all": all_counts}, str(tmp / TOKEN_COUNTS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    input_list, out, mask_token_id = _check_arguments(
+        inputs, output_dir, max_length=max_length, limit=limit, split=split, mask_token_id=mask_token_id,
+        chat_template_kwargs=chat_template_kwargs, on_error=on_error, overwrite=overwrite)
+    req = _Request(
+        input_list, tokenizer_path, out, max_length=max_length, last_turn_only=last_turn_only,
+        drop_long=drop_long, split=split, limit=limit, chat_template=chat_template,
+        chat_template_kwargs=chat_template_kwargs, vocab_size=vocab_size, draft_vocab_size=draft_vocab_size,
+        mask_token_id=mask_token_id, on_error=on_error, trust_remote_code=trust_remote_code, progress=progress,
+        max_errors_shown=max_errors_shown)
+    tok = _load_tokenizer(req)
+    tally = _tokenize_sources(req, tok)
+    choice = _choose_draft_vocab(req, tok, tally)
+    summary = _summary(req, tok, tally, choice)
+    _write(req.output_dir, tally, _manifest(req, tok, summary, choice), req.progress)
     return summary

@@ -16,26 +16,20 @@ The pipeline is the one a user runs on a real model, through the same entry poin
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import platform
-import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+import yaml
 
-from peagle import plots
-from peagle.config import load_config
+from peagle.config import Config, load_config
 from peagle.data import load_prepared, prepare
 from peagle.demo.corpus import generate_corpus, write_jsonl
+from peagle.demo.report import DemoResults, log_outcome, write_report, write_summary
 from peagle.demo.tiny_lm import TargetSettings, default_cache_dir, read_marker, train_demo_target
-from peagle.draft import PEagleDraft
-from peagle.eval import evaluate, load_draft
+from peagle.eval import EvalResult, evaluate, load_draft
 from peagle.export import export_checkpoint
 from peagle.regenerate import HFEngine, Sampling
 from peagle.regenerate import regenerate as regenerate_chats
@@ -142,11 +136,12 @@ class _Stages:
         self.log = log
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as stage ``name``: timed, any failure re-raised as a :class:`DemoError`."""
         self.log(f"\n[demo] == {name} ==")
         t0 = time.perf_counter()
         try:
-            out = fn()
+            out = fn(*args, **kwargs)
         except DemoError:
             raise
         except Exception as e:
@@ -174,25 +169,74 @@ def _prepare_out_dir(out: Path) -> None:
     (out / MARKER).write_text("written by `peagle demo`; rerunning the demo replaces this folder's contents\n")
 
 
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return "n/a" if v is None or not math.isfinite(float(v)) else format(float(v), spec)
+def _cache_dir(cache_dir: str | Path | None, quick: bool) -> Path:
+    """Where the demo target is cached; the ``--quick`` target lives in a ``quick/`` subfolder."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return (cache / "quick" if quick else cache).resolve()
 
 
-def _cmd(args: Sequence[str | Path]) -> str:
-    return " ".join(shlex.quote(str(a)) for a in args)
+# ------------------------------------------------------------------------------------------------
+# the stages, in pipeline order
 
 
-def _al_table(ev: Any) -> str:
-    """The terminal AL table: mean AL and draft acceptance per K', per-position rates at K."""
-    lines = [f"Acceptance on {len(ev.prompts)} held-out prompts (exact offline, vLLM greedy semantics):",
-             f"{'K':>3}  {'mean AL':>8}  {'useful AL':>9}  {'draft acc.':>10}  {'drafts':>7}"]
-    for kk, m in ev.by_k.items():
-        useful = ev.useful_by_k[kk]["acceptance_length"]
-        lines.append(f"{kk:>3}  {_fmt(m['acceptance_length']):>8}  {_fmt(useful):>9}  "
-                     f"{_fmt(m['draft_acceptance_rate']):>10}  {m['num_drafts']:>7}")
-    lines.append(f"per-position acceptance at K={ev.num_speculative_tokens}: "
-                 + "  ".join(f"pos{i + 1} {_fmt(r)}" for i, r in enumerate(ev.per_position)))
-    return "\n".join(lines)
+def _link_target(out: Path, target_dir: Path) -> None:
+    """``out/target``: a link to the cached target, where the report and README commands find it."""
+    link = out / "target"
+    if link.is_symlink():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target_dir, target_is_directory=True)
+
+
+def _regenerate(out: Path, target_dir: Path, train_recs: list[dict], eval_recs: list[dict], s: DemoSettings,
+                progress: bool, log: Callable[[str], None]) -> int:
+    """``peagle regenerate`` with the in-process HF engine: the target rewrites every reference answer
+    (greedy); also writes the held-out prompts + reference answers. Returns the number of chats."""
+    data = out / "data"
+    source = write_jsonl(train_recs, data / "train_reference.jsonl")
+    chats = data / "train_chats.jsonl"
+    summary = regenerate_chats(source, chats, HFEngine(target_dir, batch_size=s.regen_batch_size),
+                               sampling=Sampling(max_tokens=s.max_new_tokens), progress=progress, log=log)
+    write_jsonl(eval_recs, data / "heldout.jsonl")  # eval drops the answer
+    log(f"[demo] {summary['written']} chats with target-written responses -> {chats}")
+    return int(summary["written"])
+
+
+def _prepare(out: Path, target_dir: Path, s: DemoSettings, progress: bool, log: Callable[[str], None]) -> None:
+    """What ``peagle prepare`` runs (the command in the report): tokenize and pack the regenerated chats."""
+    summary = prepare(out / "data" / "train_chats.jsonl", target_dir, out / "prepared", max_length=s.max_length,
+                      draft_vocab_size=s.draft_vocab_size, progress=progress)
+    log(summary.format_summary())
+
+
+def _train_config(out: Path, target_dir: Path, s: DemoSettings, progress: bool) -> Config:
+    """Write ``out/train.yaml`` (what ``peagle train`` would read) and load it back."""
+    run_dir = out / "run"
+    config = {
+        "data": {"dataset": str(out / "prepared"), "max_length": s.max_length, "val_fraction": s.val_fraction},
+        "model": {"target": str(target_dir), "num_layers": s.num_layers,
+                  "num_depths": s.num_depths, "init_lm_head_from_target": True},
+        "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0},
+        "train": {"output_dir": str(run_dir), "micro_batch_size": s.micro_batch_size, "grad_accum": 1,
+                  "max_steps": s.steps, "seed": 0, "save_every": 0, "keep_last": 1,
+                  "eval_every": s.eval_every, "log_every": 1, "device": "cpu", "tensorboard": False,
+                  "progress": progress},
+        "eval": {"prompts": str(out / "data" / "heldout.jsonl"), "num_prompts": s.num_al_prompts,
+                 "max_new_tokens": s.max_new_tokens},
+    }
+    path = out / "train.yaml"
+    path.write_text(f"# written by `peagle demo`; rerun with: peagle train {path} (after removing {run_dir})\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return load_config(path)
+
+
+def _evaluate(out: Path, target_dir: Path, s: DemoSettings, progress: bool) -> EvalResult:
+    """``peagle eval`` of the final checkpoint on the held-out prompts (AL for every K'); writes plots + JSON."""
+    draft = load_draft(out / "run" / "final")
+    target = Target(target_dir, device="cpu", aux_layer_ids=draft.config.aux_layer_ids)
+    return evaluate(target, draft, out / "data" / "heldout.jsonl", s.max_new_tokens, s.num_depths,
+                    out_dir=out / "plots", json_path=out / "eval.json", batch_size=64, progress=progress,
+                    print_report=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,283 +257,35 @@ def run_demo(
     ``cache_dir`` holds the trained demo target (default ``$PEAGLE_CACHE`` or ``~/.cache/peagle/demo``;
     the ``--quick`` target lives in its ``quick/`` subfolder). ``quick`` runs a tiny smoke version.
     """
-
     t_start = time.perf_counter()
     s = settings or (QUICK if quick else FULL)
-    out = Path(out_dir).resolve()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if quick:
-        cache = cache / "quick"
-    cache = cache.resolve()
+    out, cache = Path(out_dir).resolve(), _cache_dir(cache_dir, quick)
     _prepare_out_dir(out)
     stages = _Stages(log)
 
-    # 1. target + corpus ------------------------------------------------------------------
     cached_before = (read_marker(cache / "target") or {}).get("digest") == s.target.digest()
-    target_dir = stages.run("target", lambda: train_demo_target(
-        cache, settings=s.target, progress=progress, log=log))
-    marker = read_marker(target_dir) or {}
-    link = out / "target"  # the cached target, where the report and README commands find it
-    if link.is_symlink():
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(target_dir, target_is_directory=True)
+    target_dir = stages.run("target", train_demo_target, cache, settings=s.target, progress=progress, log=log)
+    _link_target(out, target_dir)
     train_recs, heldout = generate_corpus(s.target.seed, s.target.num_train, s.target.num_heldout)
     eval_recs = heldout[: s.num_eval_prompts]
-
-    # 2. responses regenerated by the target ----------------------------------------------
-    data = out / "data"
-    chats_path, heldout_path = data / "train_chats.jsonl", data / "heldout.jsonl"
-
-    def regenerate() -> int:
-        # `peagle regenerate`, in-process HF engine: the target rewrites every reference answer (greedy)
-        source = write_jsonl(train_recs[: s.num_chats], data / "train_reference.jsonl")
-        summary = regenerate_chats(source, chats_path, HFEngine(target_dir, batch_size=s.regen_batch_size),
-                                   sampling=Sampling(max_tokens=s.max_new_tokens), progress=progress, log=log)
-        write_jsonl(eval_recs, heldout_path)  # prompts + reference answers (eval drops the answer)
-        log(f"[demo] {summary['written']} chats with target-written responses -> {chats_path}")
-        return int(summary["written"])
-
-    num_chats = stages.run("regenerate responses", regenerate)
-
-    # 3a. prepare ---------------------------------------------------------------------------
-    prepared = out / "prepared"
-    prepare_args = ["prepare", str(chats_path), "--target", str(target_dir), "--out", str(prepared),
-                    "--max-length", str(s.max_length)]
-    if s.draft_vocab_size is not None:
-        prepare_args += ["--draft-vocab-size", str(s.draft_vocab_size)]
-
-    def do_prepare() -> None:  # what `peagle prepare` (the command in the report) runs
-        summary = prepare(chats_path, target_dir, prepared, max_length=s.max_length,
-                          draft_vocab_size=s.draft_vocab_size, progress=progress)
-        log(summary.format_summary())
-
-    stages.run("prepare", do_prepare)
-    choice = load_prepared(prepared).draft_choice  # the draft vocab + mask token prepare recorded
-
-    # 3b. train -----------------------------------------------------------------------------
-    run_dir = out / "run"
-    config = {
-        "data": {"dataset": str(prepared), "max_length": s.max_length, "val_fraction": s.val_fraction},
-        "model": {"target": str(target_dir), "num_layers": s.num_layers,
-                  "num_depths": s.num_depths, "init_lm_head_from_target": True},
-        "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0},
-        "train": {"output_dir": str(run_dir), "micro_batch_size": s.micro_batch_size, "grad_accum": 1,
-                  "max_steps": s.steps, "seed": 0, "save_every": 0, "keep_last": 1,
-                  "eval_every": s.eval_every, "log_every": 1, "device": "cpu", "tensorboard": False,
-                  "progress": progress},
-        "eval": {"prompts": str(heldout_path), "num_prompts": s.num_al_prompts,
-                 "max_new_tokens": s.max_new_tokens},
-    }
-    import yaml
-
-    config_path = out / "train.yaml"
-    config_path.write_text("# written by `peagle demo`; rerun with: peagle train " + str(config_path)
-                           + " (after removing " + str(run_dir) + ")\n"
-                           + yaml.safe_dump(config, sort_keys=False))
-    cfg = load_config(config_path)
-    result = stages.run("train", lambda: train(cfg))
+    num_chats = stages.run("regenerate responses", _regenerate, out, target_dir, train_recs[: s.num_chats],
+                           eval_recs, s, progress, log)
+    stages.run("prepare", _prepare, out, target_dir, s, progress, log)
+    result = stages.run("train", train, _train_config(out, target_dir, s, progress))
     if result.interrupted:
         raise DemoError(f"training was interrupted at step {result.step}")
-    train_log, val_log = read_metrics(run_dir / METRICS_FILE)
-
-    # 3c. eval ------------------------------------------------------------------------------
-    def do_eval() -> Any:
-        draft = load_draft(run_dir / "final")
-        target = Target(target_dir, device="cpu", aux_layer_ids=draft.config.aux_layer_ids)
-        return evaluate(target, draft, heldout_path, s.max_new_tokens, s.num_depths, out_dir=out / "plots",
-                        json_path=out / "eval.json", batch_size=64, progress=progress, print_report=False)
-
-    ev = stages.run("eval", do_eval)
-
-    # 3d. export ----------------------------------------------------------------------------
-    ckpt = result.checkpoint
+    ev = stages.run("eval", _evaluate, out, target_dir, s, progress)
     # the verifier recorded at training is the target's absolute path, so `LLM(model=out/draft)` finds it
-    stages.run("export", lambda: export_checkpoint(ckpt, out / "draft", overwrite=True))
+    stages.run("export", export_checkpoint, result.checkpoint, out / "draft", overwrite=True)
 
-    # 4. report -----------------------------------------------------------------------------
-    def report() -> dict[str, Any]:
-        return _report(out, s, stages, ev, train_log, val_log, marker, cached_before, eval_recs, choice,
-                       num_chats, ckpt, config_path, prepare_args, target_dir, t_start)
-
-    summary = stages.run("report", report)
-    summary["timings_s"] = {k: round(v, 1) for k, v in stages.seconds.items()}
-    summary["total_s"] = round(time.perf_counter() - t_start, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log("")
-    log(_al_table(ev))
-    al_k = summary["acceptance_length"].get(str(min(BAR_K, s.num_depths)))
-    log(f"\n[demo] target held-out exact match: {summary['target_accuracy']:.1%}; "
-        f"mean AL at K={min(BAR_K, s.num_depths)}: {_fmt(al_k)}"
-        + ("" if quick else f" (bar {AL_BAR}: {'met' if al_k is not None and al_k >= AL_BAR else 'NOT met'})"))
-    log(f"[demo] total {summary['total_s']:.0f}s; report: {out / 'report.md'}")
+    train_log, val_log = read_metrics(out / "run" / METRICS_FILE)
+    results = DemoResults(
+        out=out, settings=s, ev=ev, train_log=train_log, val_log=val_log, target_dir=target_dir,
+        target_marker=read_marker(target_dir) or {}, target_cached=cached_before, eval_records=eval_recs,
+        draft_choice=load_prepared(out / "prepared").draft_choice, num_chats=num_chats,
+        checkpoint=result.checkpoint, stage_seconds=stages.seconds, t_start=t_start, quick=s is QUICK,
+        al_bar=AL_BAR if s is FULL else None, bar_k=min(BAR_K, s.num_depths))
+    summary = stages.run("report", write_report, results)
+    write_summary(out, summary, stages.seconds, t_start)
+    log_outcome(out, ev, summary, results.bar_k, None if quick else AL_BAR, log)
     return summary
-
-
-def _report(
-    out: Path, s: DemoSettings, stages: _Stages, ev: Any, train_log: list[dict], val_log: list[dict],
-    marker: dict, cached_before: bool, eval_recs: list[dict], choice: dict, num_chats: int, ckpt: Path | None,
-    config_path: Path, prepare_args: list[str], target_dir: Path, t_start: float,
-) -> dict[str, Any]:
-    """Write the plots and report.md; return the summary dict."""
-
-    k = s.num_depths
-    plot_files = dict(ev.files)
-    plot_files.pop("json", None)
-    plot_files.update(plots.training_plots(train_log, val_log, k, out / "plots"))
-
-    # target accuracy: exact match of the evaluated greedy completions vs the corpus answers
-    hits: dict[str, list[bool]] = {}
-    al_by_task: dict[str, list[float]] = {}
-    for p in ev.prompts:
-        rec = eval_recs[p["index"]]
-        task = rec.get("task", "?")
-        hits.setdefault(task, []).append(p.get("completion") == rec["messages"][-1]["content"])
-        if p["acceptance_length"] is not None and math.isfinite(p["acceptance_length"]):
-            al_by_task.setdefault(task, []).append(p["acceptance_length"])
-    all_hits = [h for v in hits.values() for h in v]
-    target_acc = sum(all_hits) / max(1, len(all_hits))
-
-    draft = PEagleDraft.from_pretrained(out / "draft")
-    n_params = sum(p.numel() for p in draft.parameters())
-    n_trainable = n_params - draft.embed_tokens.weight.numel()
-    dcfg = draft.config
-    step_s = sum(r["step_s"] for r in train_log)
-    tokens = sum(r["tokens"] for r in train_log)
-    tok_s = tokens / step_s if step_s else float("nan")
-    last = train_log[-1] if train_log else {}
-    al = {str(kk): v for kk, v in ev.acceptance_length.items()}
-    per_pos = list(ev.per_position)
-    t = stages.seconds
-    bar_k = min(BAR_K, k)
-    al_bar = ev.acceptance_length.get(bar_k, float("nan"))
-
-    L: list[str] = []
-    w = L.append
-    w("# peagle demo report\n")
-    w(f"A P-EAGLE draft (K = {k}) trained end to end on this CPU for a tiny Llama target, with the same "
-      "`prepare → train → eval → export` a user runs on a real model. Acceptance is measured exactly, "
-      "offline, with vLLM's greedy parallel-drafting semantics (`peagle eval`).\n")
-    w(f"**Mean acceptance length at K = {bar_k}: {_fmt(al_bar)}** on {len(ev.prompts)} held-out prompts"
-      + (f" (bar: ≥ {AL_BAR} — {'met' if al_bar >= AL_BAR else 'NOT met'})." if s is FULL else ".") + "\n")
-    w("## Acceptance (held-out prompts, exact offline, vLLM greedy semantics)\n")
-    w("| K' (served) | mean AL (vLLM's counters) | useful AL | draft acceptance rate | drafts | accepted tokens |")
-    w("|---:|---:|---:|---:|---:|---:|")
-    for kk, m in ev.by_k.items():
-        w(f"| {kk} | {_fmt(m['acceptance_length'])} | {_fmt(ev.useful_by_k[kk]['acceptance_length'])} "
-          f"| {_fmt(m['draft_acceptance_rate'])} | {m['num_drafts']} | {m['num_accepted_tokens']} |")
-    w("")
-    w("Mean AL is what vLLM's own spec-decode counters report when it serves `draft/` (in a request's last "
-      "round vLLM also counts drafts its verifier accepted past the stop token); useful AL counts only the "
-      "accepted tokens inside the outputs (see the project's docs/evaluation.md).\n")
-    w(f"Per-position acceptance at K = {k} (cumulative: position i = fraction of drafts whose first i "
-      "tokens were all accepted; AL = 1 + their sum):\n")
-    w("| " + " | ".join(f"pos {i + 1}" for i in range(len(per_pos))) + " |")
-    w("|" + "---:|" * len(per_pos))
-    w("| " + " | ".join(_fmt(r) for r in per_pos) + " |\n")
-    w(f"Per task (mean of per-prompt AL at K = {k}, and the target's exact-match accuracy):\n")
-    w("| task | prompts | mean AL | target exact match |")
-    w("|---|---:|---:|---:|")
-    for task in sorted(hits):
-        a = al_by_task.get(task, [])
-        w(f"| {task} | {len(hits[task])} | {_fmt(sum(a) / len(a) if a else None, '.2f')} "
-          f"| {sum(hits[task]) / len(hits[task]):.0%} |")
-    w("")
-    w("## Target\n")
-    ts = s.target
-    w(f"- tiny Llama: {ts.num_layers} layers, hidden {ts.hidden_size}, {ts.num_heads} heads "
-      f"({ts.num_kv_heads} KV), vocab {marker.get('vocab_size', '?')}, "
-      f"{marker.get('num_parameters', 0) / 1e6:.2f}M parameters; BPE tokenizer + chat template trained "
-      "on the synthetic corpus (`peagle.demo.corpus`, seed "
-      f"{ts.seed}: {ts.num_train} training chats, {ts.num_heldout} held-out prompts never seen in training)")
-    w(f"- training: {ts.steps} steps × {ts.batch_size} chats, {marker.get('train_seconds', '?')}s "
-      + ("(cached from an earlier run: not retrained)" if cached_before else "(trained by this run)"))
-    w(f"- **held-out exact match: {target_acc:.1%}** ({sum(all_hits)}/{len(all_hits)} greedy answers equal "
-      "to the corpus answer); the draft imitates the target's own answers, right or wrong\n")
-    w("## Draft and training\n")
-    w(f"- P-EAGLE draft: {dcfg.num_hidden_layers} decoder layer(s) (the first one the fused 2H EAGLE-3 layer), hidden "
-      f"{dcfg.hidden_size}, K = {k} parallel depths, draft vocab {choice['draft_vocab_size']} of "
-      f"{choice['vocab_size']} ({choice['coverage']:.2%} of supervised tokens), mask token id "
-      f"{choice['mask_token_id']}; {n_params / 1e6:.3f}M parameters ({n_trainable / 1e6:.3f}M without "
-      "embed_tokens); lm_head initialised from the target's rows of the draft vocab (`init_lm_head_from_target`)")
-    w(f"- data: {num_chats} training chats whose responses were regenerated by the target (greedy), "
-      f"packed into rows of {s.max_length} tokens; {s.val_fraction:.0%} held out for validation loss")
-    w(f"- {len(train_log)} steps × {s.micro_batch_size} rows, lr {s.lr:g} (warmup {s.warmup_steps}, cosine), "
-      f"COD r = 0.7, r_min = 0.2; AL on {s.num_al_prompts} held-out prompts every {s.eval_every} steps")
-    w(f"- **training time {step_s:.0f}s** in optimizer steps ({t.get('train', 0):.0f}s for the whole "
-      f"`train` stage, with validation and AL evaluation); **{tok_s:,.0f} tokens/s** "
-      f"({tokens:,} tokens) on {torch.get_num_threads()} CPU threads")
-    if last:
-        accs = ", ".join(f"d{d} {_fmt(last.get(f'acc_{d}'), '.2f')}" for d in range(k))
-        w(f"- last step: loss {_fmt(last.get('loss'))}, top-1 agreement per depth {accs}")
-    if val_log:
-        w("\nAcceptance length on held-out prompts during training:\n")
-        w("| step | " + " | ".join(f"AL K={kk}" for kk in range(1, k + 1)) + " | val loss |")
-        w("|---:|" + "---:|" * (k + 1))
-        for r in val_log:
-            w(f"| {r['step']} | " + " | ".join(_fmt(r.get(f"al_k{kk}")) for kk in range(1, k + 1))
-              + f" | {_fmt(r.get('loss'))} |")
-    w("")
-    w("## Time per stage\n")
-    w("| stage | seconds |")
-    w("|---|---:|")
-    for name, sec in t.items():
-        w(f"| {name} | {sec:.1f} |")
-    w(f"| **total (report excluded)** | {time.perf_counter() - t_start:.1f} |\n")
-    w("## Plots\n")
-    titles = {"loss": "training loss", "depth_accuracy": "top-1 agreement per depth",
-              "al_during_training": "AL during training", "per_position": "per-position acceptance",
-              "al_vs_k": "AL vs K", "al_histogram": "AL per prompt"}
-    for name, path in plot_files.items():
-        rel = Path(path).relative_to(out)
-        w(f"![{titles.get(name, name)}]({rel})")
-    w("")
-    w("## Files\n")
-    w("- `eval.json`: the `peagle eval --json` output (AL for every K', per-position rates, per prompt)")
-    w("- `draft/`: the exported speculators-format draft (config.json + model.safetensors)")
-    w("- `train.yaml`: the training config; `run/`: checkpoint, metrics.jsonl; `prepared/`: the tokenized data")
-    w("- `data/train_chats.jsonl`: the regenerated chats; `data/heldout.jsonl`: held-out prompts + answers\n")
-    w("## Reproduce\n")
-    w("```bash")
-    w(f"peagle demo --out {shlex.quote(str(out))}" + (" --quick" if s is QUICK else "") + "   # everything below")
-    w("# or stage by stage, on the data this run wrote:")
-    w(f"peagle {_cmd(prepare_args)}")
-    w(f"rm -rf {shlex.quote(str(out / 'run'))}; peagle train {shlex.quote(str(config_path))}")
-    w(f"peagle eval --target {shlex.quote(str(target_dir))} --draft {shlex.quote(str(out / 'run' / 'final'))} "
-      f"--prompts {shlex.quote(str(out / 'data' / 'heldout.jsonl'))} --max-new-tokens {s.max_new_tokens} "
-      f"--out {shlex.quote(str(out / 'plots'))} --json {shlex.quote(str(out / 'eval.json'))}")
-    w(f"peagle export {shlex.quote(str(ckpt))} {shlex.quote(str(out / 'draft'))} --overwrite")
-    w("```\n")
-    w("## Serving this draft with vLLM\n")
-    w("`draft/` loads unchanged in vLLM (its config records the target's path, `target` links to it). "
-      "The numbers above are what vLLM's own counters report; to check them against the real engine "
-      "(vLLM installed, e.g. the `.venv-vllm` that `make test-vllm` builds):\n")
-    w("```bash")
-    w(f"peagle eval --target {shlex.quote(str(target_dir))} --draft {shlex.quote(str(out / 'draft'))} "
-      f"--prompts {shlex.quote(str(out / 'data' / 'heldout.jsonl'))} --max-new-tokens {s.max_new_tokens} "
-      "--engine vllm")
-    w(f"python -m vllm.entrypoints.openai.api_server --model {shlex.quote(str(out / 'draft'))} --dtype float32 "
-      "--host 127.0.0.1 --port 8000 --enforce-eager")
-    w("```\n")
-    w(f"Environment: Python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
-      f"{os.cpu_count()} CPU cores.")
-    (out / "report.md").write_text("\n".join(L) + "\n")
-
-    return {
-        "report": str(out / "report.md"),
-        "eval_json": str(out / "eval.json"),
-        "draft": str(out / "draft"),
-        "num_speculative_tokens": k,
-        "acceptance_length": al,
-        "per_position": per_pos,
-        "num_drafts": ev.num_drafts,
-        "target_accuracy": target_acc,
-        "target_accuracy_per_task": {t_: sum(v) / len(v) for t_, v in sorted(hits.items())},
-        "target_cached": cached_before,
-        "draft_parameters": n_params,
-        "train_steps": len(train_log),
-        "train_step_seconds": round(step_s, 1),
-        "train_tokens": tokens,
-        "tokens_per_s": tok_s,
-        "plots": plot_files,
-    }

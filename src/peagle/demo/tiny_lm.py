@@ -120,7 +120,7 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
     """
     from tqdm.auto import tqdm
 
-    from peagle.train import lr_factor
+    from peagle.optim import lr_factor
 
     gen = torch.Generator().manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
