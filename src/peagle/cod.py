@@ -7,6 +7,9 @@ LongTensors ``(anchor[M], depth[M])``: the first N elements are depth 0 (element
 then the depth-1 block sorted by anchor, then depth 2, and so on. The reference position of an
 element (the position whose target distribution supervises it) is ``anchor + depth``.
 
+One file (~450 lines, half of it docstrings and argument checks): sampling, segment assignment and
+chain tables share the element-list invariants they check.
+
 Two properties the peers' samplers lack (docs/conventions.md, "COD"):
 
 - no chain ever leaves its document, and no anchor is negative or precedes its document's start

@@ -3,7 +3,7 @@
 A config has four sections (``data``, ``model``, ``optim``, ``train``) and an optional ``eval``
 section. Everything is validated before any heavy work starts: unknown keys (with the file they
 came from and the closest valid key), wrong types and out-of-range values all raise a one-line
-:class:`ConfigError`.
+:class:`ConfigError`. (~400 lines: the dataclasses with every key's help text are most of it.)
 
 Example::
 

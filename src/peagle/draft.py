@@ -2,6 +2,8 @@
 
 Read top to bottom: `DraftConfig` (HF field names, the checkpoint's config.json), `RMSNorm`, `Rotary`,
 `Attention`, `MLP`, `DecoderLayer` (layer 0 is the fused EAGLE-3 first layer), `PEagleDraft`.
+One file (~770 lines) because the config, the parameter names and the checkpoint keys are one contract
+with vLLM and speculators: a key renamed in one place must be renamed in all, and they sit together.
 
 Data flow of one draft forward over M flat elements (docs/conventions.md):
 

@@ -5,7 +5,8 @@ Aux states (docs/conventions.md) are the residual stream ENTERING decoder layers
 those layers; id L means the input of the final norm. The final hidden state is the input of the
 final norm (pre-norm); the trainer's ``TargetHead`` applies norm + lm_head rows of the draft vocab.
 Packed rows run with per-document attention (block-diagonal causal) and positions restarting per
-document, so a document's states equal those of the document run alone.
+document, so a document's states equal those of the document run alone. One file (~410 lines):
+`Target` and `TargetParts` (the cache path's lm_head/norm/embeddings only) read the same checkpoint.
 """
 
 from __future__ import annotations
