@@ -41,24 +41,14 @@ from pathlib import Path
 
 import torch
 
+from peagle.machine import matmul_rate
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, K = 256, 4, 2, 64, 688, 4096, 4, 8
 TARGET_LAYERS, AUX_LAYERS, LOGIT_SCALE, RATIO, RATIO_MIN, LR = 8, (2, 4, 5), 10.0, 0.7, 0.2, 6e-4
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def matmul_rate(seconds: float = 1.0) -> float:
-    """Measured fp32 matmul FLOP/s on this machine (the best of a few large GEMMs)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * 1024**3 / (time.perf_counter() - t0))
-    return best
 
 
 def step_flops(anchor: torch.Tensor, depth: torch.Tensor, supervised: int, docs: torch.Tensor) -> float:

@@ -169,3 +169,20 @@ def test_autocast_does_not_lower_precision():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = kl_loss(hidden, weight, depth, 4, target_logits=target_logits, chunk_size=3)
     assert torch.equal(plain.kl_sum, auto.kl_sum)
+
+
+@pytest.mark.parametrize("keep_chunks", [0, 1, 99])
+def test_kept_and_recomputed_chunks_give_the_same_gradients(keep_chunks, monkeypatch):
+    """The forward keeps q − p of the first chunks within a byte budget and the backward recomputes the
+    rest: none, some or all kept, the gradients are the reference's."""
+    import peagle.loss as loss_mod
+
+    K, chunk = 4, 3
+    hidden, weight, target_logits, depth = make_case(K=K)
+    monkeypatch.setattr(loss_mod, "_KEEP_BYTES", keep_chunks * chunk * weight.shape[0] * 4)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (0.37 * kl_loss(h1, w1, depth, K, target_logits=target_logits, chunk_size=chunk).kl_sum).backward()
+    (0.37 * reference(h2, w2, target_logits, depth, K)[0]).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)

@@ -96,6 +96,12 @@ def _target_logprobs(
         return torch.log_softmax(logits, dim=-1)
 
 
+# The backward needs q − p of every chunk. The forward keeps it for the first chunks up to this many
+# bytes (no recompute of their logits, softmaxes and target log-probs in backward: ~1/4 of the loss's
+# work); the rest is recomputed, so the extra memory stays bounded whatever E × Vd is.
+_KEEP_BYTES = 64 << 20
+
+
 def _forward_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -103,8 +109,10 @@ def _forward_chunks(
     num_depths: int,
     target: tuple,
     chunk_size: int,
+    keep: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-depth KL sums, top-1 agreement and counts, one chunk of elements at a time."""
+    """Per-depth KL sums, top-1 agreement and counts, one chunk of elements at a time; appends q − p of
+    the first chunks (within `_KEEP_BYTES`) to ``keep`` for the backward."""
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 maths (fp64 when given fp64)
     w32 = weight.to(acc)
     kl_per_depth = torch.zeros(num_depths, dtype=acc, device=hidden.device)
@@ -120,6 +128,10 @@ def _forward_chunks(
         kl_per_depth.index_add_(0, d, kl)
         correct.index_add_(0, d, (log_q.argmax(-1) == log_p.argmax(-1)).to(acc))
         count.index_add_(0, d, torch.ones_like(kl))
+        kept_bytes = sum(t.numel() * t.element_size() for t in keep) if keep is not None else 0
+        if keep is not None and len(keep) == start // chunk_size and \
+                kept_bytes + log_q.numel() * log_q.element_size() <= _KEEP_BYTES:  # a prefix of the chunks
+            keep.append(log_q.exp_().sub_(p))  # q − p, in log_q's buffer
     return kl_per_depth, correct, count
 
 
@@ -131,8 +143,9 @@ def _backward_chunks(
     chunk_size: int,
     need_h: bool,
     need_w: bool,
+    kept: list[torch.Tensor] = (),
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Recompute each chunk's draft softmax; dz = g·(q − p); dh = dz @ W, dW += dzᵀ @ h."""
+    """dz = g·(q − p) (kept by the forward, else recomputed); dh = dz @ W, dW += dzᵀ @ h."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     w32 = weight.to(acc)
     g = grad_sum.to(acc)
@@ -141,8 +154,11 @@ def _backward_chunks(
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
         h32 = hidden[start:end].to(acc)
-        dz = torch.softmax(h32 @ w32.T, dim=-1)
-        dz.sub_(_target_logprobs(start, end, *target, acc).exp()).mul_(g)  # in place: one [C, Vd] buffer
+        if start // chunk_size < len(kept):
+            dz = kept[start // chunk_size].mul_(g)
+        else:
+            dz = torch.softmax(h32 @ w32.T, dim=-1)
+            dz.sub_(_target_logprobs(start, end, *target, acc).exp()).mul_(g)  # in place: one [C, Vd] buffer
         if need_h:
             grad_h[start:end] = (dz @ w32).to(hidden.dtype)
         if need_w:
@@ -152,7 +168,8 @@ def _backward_chunks(
 
 class _ChunkedKL(torch.autograd.Function):
     """Chunked forward KL (see the module docstring). Outputs (kl_sum, kl_per_depth, correct, count);
-    only kl_sum is differentiable. Saves only the inputs; autocast is disabled inside (fp32 maths)."""
+    only kl_sum is differentiable. Saves the inputs and q − p of the first chunks (`_KEEP_BYTES`);
+    autocast is disabled inside (fp32 maths)."""
 
     @staticmethod
     def forward(
@@ -169,11 +186,13 @@ class _ChunkedKL(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         target = (target_logits, target_hidden, target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
-            sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size)
+            keep: list[torch.Tensor] | None = [] if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+            sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size, keep)
         kl_per_depth, correct, count = sums
         ctx.save_for_backward(hidden, weight, target_logits, target_hidden, target_index)
         ctx.target_head = target_head
         ctx.chunk_size = chunk_size
+        ctx.kept = keep or []
         ctx.mark_non_differentiable(kl_per_depth, correct, count)
         return kl_per_depth.sum(), kl_per_depth, correct, count
 
@@ -183,7 +202,8 @@ class _ChunkedKL(torch.autograd.Function):
         target = (target_logits, target_hidden, ctx.target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
             need_h, need_w = ctx.needs_input_grad[:2]
-            grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w)
+            grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w, ctx.kept)
+        ctx.kept = []
         grad_h, grad_w = grads
         return grad_h, grad_w, None, None, None, None, None, None, None
 

@@ -59,6 +59,7 @@ class DemoResults:
     quick: bool  # the run used the ``--quick`` settings (shown in the reproduce command)
     al_bar: float | None  # the mean AL the run must reach at ``bar_k`` (None: no bar)
     bar_k: int
+    matmul_gflops: float  # this machine's measured fp32 matmul rate (times are quoted beside it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,9 @@ def _draft_and_training(r: DemoResults, d: _DraftStats) -> list[str]:
 
 def _timings(r: DemoResults) -> list[str]:
     """Wall time per stage so far; the total is taken now, so it excludes the report stage."""
-    lines = ["## Time per stage\n", "| stage | seconds |", "|---|---:|"]
+    lines = ["## Time per stage\n", f"On this machine: {r.matmul_gflops:.0f} GFLOP/s measured fp32 matmul rate, "
+             f"{os.cpu_count()} cores (times on another CPU scale roughly with that rate).\n",
+             "| stage | seconds |", "|---|---:|"]
     lines += [f"| {name} | {sec:.1f} |" for name, sec in r.stage_seconds.items()]
     lines.append(f"| **total (report excluded)** | {time.perf_counter() - r.t_start:.1f} |\n")
     return lines
@@ -288,6 +291,7 @@ def write_report(r: DemoResults) -> dict[str, Any]:
         "eval_json": str(out / "eval.json"),
         "draft": str(out / "draft"),
         "num_speculative_tokens": r.settings.num_depths,
+        "matmul_gflops": round(r.matmul_gflops, 1),
         "acceptance_length": {str(kk): v for kk, v in r.ev.acceptance_length.items()},
         "per_position": list(r.ev.per_position),
         "num_drafts": r.ev.num_drafts,

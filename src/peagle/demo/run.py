@@ -31,6 +31,7 @@ from peagle.demo.report import DemoResults, log_outcome, write_report, write_sum
 from peagle.demo.tiny_lm import TargetSettings, default_cache_dir, read_marker, train_demo_target
 from peagle.eval import EvalResult, evaluate, load_draft
 from peagle.export import export_checkpoint
+from peagle.machine import matmul_rate
 from peagle.regenerate import HFEngine, Sampling
 from peagle.regenerate import regenerate as regenerate_chats
 from peagle.rundir import METRICS_FILE
@@ -259,6 +260,8 @@ def run_demo(
     """
     t_start = time.perf_counter()
     s = settings or (QUICK if quick else FULL)
+    gflops = matmul_rate(0.5) / 1e9  # the times below mean something only beside this machine's rate
+    log(f"[demo] this machine: {gflops:.0f} GFLOP/s measured fp32 matmul rate")
     out, cache = Path(out_dir).resolve(), _cache_dir(cache_dir, quick)
     _prepare_out_dir(out)
     stages = _Stages(log)
@@ -284,7 +287,7 @@ def run_demo(
         target_marker=read_marker(target_dir) or {}, target_cached=cached_before, eval_records=eval_recs,
         draft_choice=load_prepared(out / "prepared").draft_choice, num_chats=num_chats,
         checkpoint=result.checkpoint, stage_seconds=stages.seconds, t_start=t_start, quick=s is QUICK,
-        al_bar=AL_BAR if s is FULL else None, bar_k=min(BAR_K, s.num_depths))
+        al_bar=AL_BAR if s is FULL else None, bar_k=min(BAR_K, s.num_depths), matmul_gflops=gflops)
     summary = stages.run("report", write_report, results)
     write_summary(out, summary, stages.seconds, t_start)
     log_outcome(out, ev, summary, results.bar_k, None if quick else AL_BAR, log)
