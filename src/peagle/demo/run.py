@@ -42,7 +42,7 @@ from peagle.train import train
 __all__ = ["DemoError", "DemoSettings", "FULL", "QUICK", "run_demo"]
 
 MARKER = ".peagle-demo"  # marks an output folder the demo may clean and rewrite
-AL_BAR = 2.5  # the mean acceptance length the full demo's draft must reach at K = 4
+AL_BAR = 3.5  # the mean acceptance length the full demo's draft must reach at K = 4 (on any CPU)
 BAR_K = 4
 # What the demo creates inside the output folder (removed before a rerun, nothing else is touched).
 _OWNED = ("data", "prepared", "run", "draft", "plots", "report.md", "eval.json", "train.yaml", "summary.json")
