@@ -84,11 +84,11 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
     data, draft, trainer (DDP-wrapped under torchrun), optimizer, schedule, and the resumed state."""
     out = Path(cfg.train.output_dir)
     ckpt, applied = _resume_point(cfg, out, resume, accepted)
-    prepared = _load_dataset(cfg)
-    dcfg, vocab = _draft_config(cfg, prepared)
+    prepared, vocab_size, num_layers = _load_dataset(cfg)
+    dcfg, vocab = _draft_config(cfg, prepared, vocab_size, num_layers)
     if ckpt is not None:
         check_resume_vocab(ckpt, vocab, dcfg.mask_token_id, cfg)
-    cache = _open_cache(cfg, prepared)
+    cache = _open_cache(cfg, prepared, tuple(dcfg.aux_layer_ids))
 
     d = init_distributed(cfg.train.device)
     rows_per_step = d.world * cfg.train.grad_accum * cfg.train.micro_batch_size
@@ -171,11 +171,12 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def _load_dataset(cfg: Config) -> PreparedData:
-    """The prepared dataset, checked against this target (vocabulary size, tokenizer, chat template)."""
+def _load_dataset(cfg: Config) -> tuple[PreparedData, int, int]:
+    """The prepared dataset, checked against this target (vocabulary size, tokenizer, chat template), and
+    the target's (vocab size, layers) read once from its config.json."""
     try:
         prepared = load_prepared(cfg.data.dataset)
-        vocab_size, _ = target_shape(cfg.model.target, cfg.model.trust_remote_code)
+        vocab_size, num_layers = target_shape(cfg.model.target, cfg.model.trust_remote_code)
     except (DataError, TargetError) as e:
         raise ConfigError(f"{'model.target' if isinstance(e, TargetError) else 'data.dataset'}: {e}") from None
     prepared_vocab = prepared.manifest.get("vocab_size")
@@ -188,16 +189,16 @@ def _load_dataset(cfg: Config) -> PreparedData:
                                      trust_remote_code=cfg.model.trust_remote_code)
     except DataError as e:
         raise ConfigError(f"data.dataset: {e}") from None
-    return prepared
+    return prepared, vocab_size, num_layers
 
 
-def _draft_config(cfg: Config, prepared: PreparedData) -> tuple[DraftConfig, DraftVocab]:
+def _draft_config(cfg: Config, prepared: PreparedData, vocab_size: int, num_layers: int
+                  ) -> tuple[DraftConfig, DraftVocab]:
     """The draft's config (from the target's config.json alone) and vocabulary: the draft vocab size and
     mask token recorded by ``peagle prepare`` unless the config overrides them. DraftConfig validates."""
     m = cfg.model
     choice = prepared.draft_choice
     try:
-        vocab_size, num_layers = target_shape(m.target, m.trust_remote_code)
         aux = resolve_aux_layer_ids(m.aux_layer_ids, num_layers)
     except TargetError as e:
         raise ConfigError(f"model.{e}") from None
@@ -221,14 +222,13 @@ def _draft_config(cfg: Config, prepared: PreparedData) -> tuple[DraftConfig, Dra
     return dcfg, prepared.draft_vocab(dcfg.draft_vocab_size)
 
 
-def _open_cache(cfg: Config, prepared: PreparedData) -> CachedStates | None:
-    """The offline state cache (None when online), checked against the dataset and target."""
+def _open_cache(cfg: Config, prepared: PreparedData, aux: tuple[int, ...]) -> CachedStates | None:
+    """The offline state cache (None when online), checked against the dataset and the draft's aux layers."""
     if cfg.data.cache is None:
         return None
     try:
         cache = CachedStates(cfg.data.cache)
-        aux = resolve_aux_layer_ids(cfg.model.aux_layer_ids, target_shape(cfg.model.target)[1])
-    except (CacheError, TargetError) as e:
+    except CacheError as e:
         raise ConfigError(f"data.cache: {e}") from None
     if len(cache) != len(prepared) or tuple(cache.aux_layer_ids) != aux:
         raise ConfigError(

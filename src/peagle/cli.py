@@ -393,15 +393,13 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    from .demo.tiny_lm import default_cache_dir
-
     p = sub.add_parser(
         "demo", help="the embedded CPU demo: a real draft trained end to end on this machine",
         description="Train a P-EAGLE draft end to end on this CPU (synthetic corpus, tiny cached target) "
         "and write a report: prepare → train → eval → export, the path a real model takes.")
     p.add_argument("--out", default="demo-output", help="report folder (default: demo-output)")
     p.add_argument("--cache-dir", default=None,
-                   help=f"where the trained demo target is cached (default: $PEAGLE_CACHE or {default_cache_dir()})")
+                   help="where the trained demo target is cached (default: $PEAGLE_CACHE or ~/.cache/peagle/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (about a minute; AL is not meaningful)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .draft import validate_mask_token_id
+from .mask_token import validate_mask_token_id
 
 __all__ = [
     "ConfigError",

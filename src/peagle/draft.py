@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .fsutil import atomic_dir
+from .mask_token import validate_mask_token_id
 from .target import default_aux_layer_ids
 
 CONFIG_NAME = "config.json"
@@ -67,20 +68,6 @@ _LLAMA_FIXED = {
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
 # Keys of a target's rope_parameters that do not apply to a text-only draft whose rotary dim = head_dim.
 _DROPPED_ROPE_KEYS = ("partial_rotary_factor", "mrope_section", "mrope_interleaved")
-
-
-def validate_mask_token_id(mask_token_id: object, vocab_size: int | None = None) -> int:
-    """The one check of a mask token id: an int in [0, vocab_size) (only >= 0 while the vocab is unknown).
-
-    Called by `DraftConfig`, by the config loader (no vocabulary known yet) and by
-    `peagle.vocab.check_mask_token` (prepare), which also refuses an id that occurs in the data.
-    """
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int):
-        raise ValueError(f"mask_token_id must be an int, got {mask_token_id!r}")
-    if mask_token_id < 0 or (vocab_size is not None and mask_token_id >= vocab_size):
-        rows = f": the target embedding has {vocab_size} rows (valid ids 0..{vocab_size - 1})" if vocab_size else ""
-        raise ValueError(f"mask_token_id {mask_token_id} is out of range{rows}; it must be >= 0")
-    return mask_token_id
 
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -33,7 +33,7 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -165,6 +165,17 @@ def _swap_into_place(src: Path, dest: Path) -> None:
         _remove(old)
 
 
+def _new_temporary(dest: Path, create: Callable[[Path], object]) -> Path:
+    """A fresh ``.DEST.tmp-<hex>`` beside ``dest``, made by ``create`` (which must fail if it exists)."""
+    while True:
+        tmp = _sibling(dest, "tmp")
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:  # pragma: no cover - 64 random bits collided
+            continue
+
+
 @contextmanager
 def atomic_dir(dest: str | Path, *, replace: bool = False, fsync: bool = False) -> Iterator[Path]:
     """Write a directory atomically: ``with atomic_dir(out) as tmp: <write into tmp>``.
@@ -180,13 +191,7 @@ def atomic_dir(dest: str | Path, *, replace: bool = False, fsync: bool = False) 
     if os.path.lexists(dest) and not replace:
         raise FileExistsError(f"{dest} already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _sibling(dest, "tmp")
-        try:
-            os.mkdir(tmp, 0o777)  # the umask applies, as for any mkdir
-            break
-        except FileExistsError:  # pragma: no cover - 64 random bits collided
-            continue
+    tmp = _new_temporary(dest, lambda t: os.mkdir(t, 0o777))  # the umask applies, as for any mkdir
     try:
         allowed = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o777 minus the umask
         yield tmp
@@ -217,13 +222,7 @@ def atomic_file(dest: str | Path, *, fsync: bool = False) -> Iterator[Path]:
     if dest.is_dir():
         raise IsADirectoryError(f"{dest} is a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _sibling(dest, "tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:  # pragma: no cover - 64 random bits collided
-            continue
+    tmp = _new_temporary(dest, lambda t: os.close(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         allowed = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 minus the umask
         yield tmp

@@ -35,7 +35,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, ConfigError, config_to_dict
-from .data.shift import shift_states
 from .distributed import Dist, all_reduce, barrier, gather_objects, sync_unless
 from .eval import ContinuationSet, acceptance_on
 from .export import export_draft
@@ -190,7 +189,7 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     metrics = StepMetrics.zeros(run.trainer.num_depths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for j, (m, lay) in enumerate(zip(micro, layouts, strict=True)):
-        batch = shift_states(m.batch, *run.source.states(m.packed)).to(d.device)
+        batch = m.with_states(run.source, d.device)
         last_micro = j == len(micro) - 1
         # one process: a partitioned micro-batch's units sum apart, then join the step's gradient, as the
         # all-reduce adds each rank's (which DDP does inside the step's last backward)
@@ -314,7 +313,7 @@ def _validation_metrics(run: Run) -> dict[str, float]:
     run.trainer.eval()
     total = StepMetrics.zeros(run.trainer.num_depths)
     for m in run.data.val_micro_batches(run.d.rank, run.d.world, VAL_EPOCH):
-        batch = shift_states(m.batch, *run.source.states(m.packed)).to(run.d.device)
+        batch = m.with_states(run.source, run.d.device)
         with run.autocast():
             total = total + run.trainer(batch).metrics
     run.trainer.train(was_training)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .draft import validate_mask_token_id
+from .mask_token import validate_mask_token_id
 
 
 @dataclass
@@ -65,7 +65,7 @@ def build_draft_vocab(token_counts: Tensor, draft_vocab_size: int) -> DraftVocab
 
 
 def check_mask_token(mask_token_id: int, vocab_size: int, token_counts_all: Tensor | None = None) -> int:
-    """Refuse a mask token id outside [0, vocab_size) (`draft.validate_mask_token_id`) or one found in the data."""
+    """Refuse a mask token id outside [0, vocab_size) (`mask_token.validate_mask_token_id`) or one found in the data."""
     mid = validate_mask_token_id(int(mask_token_id), vocab_size)
     if token_counts_all is not None:
         counts = torch.as_tensor(token_counts_all).reshape(-1)

@@ -20,7 +20,7 @@ from ..checkpoint import TrainState
 from ..config import Config, ConfigError
 from .packing import PackedRows, cod_seeds, collate, pack
 from .prepared import PreparedData
-from .shift import Batch, eagle_shift
+from .shift import Batch, eagle_shift, shift_states
 
 __all__ = ["MicroBatch", "TrainData"]
 
@@ -30,12 +30,17 @@ class MicroBatch:
     """One micro-batch: the packed rows (what the target reads) and their shift (tokens + COD seeds).
 
     ``batch`` has no target states yet: the step counts its supervised COD elements first, then the
-    target (or the cache) supplies the states of ``packed`` and `shift.shift_states` adds them.
+    target (or the cache) supplies the states of ``packed`` and `with_states` adds them.
     """
 
     packed: PackedRows
     batch: Batch
     tokens: int
+
+    def with_states(self, source: Any, device: torch.device) -> Batch:
+        """``batch`` with the target states of ``packed`` from ``source`` (the Target or the state cache:
+        anything with ``states(packed) -> (aux, final)``), shifted the same way, on ``device``."""
+        return shift_states(self.batch, *source.states(self.packed)).to(device)
 
 
 class TrainData:
