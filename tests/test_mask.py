@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peagle.cod import chain_table, document_starts, sample_cod
-from peagle.mask import CODAttention, FlexCODAttention, cod_mask, dense_attention, range_attention
+from peagle.mask import CODAttention, FlexCODAttention, TilePlan, cod_mask, dense_attention, tile_attention
 
 # The seed's six-position example: depth-1 refs {1,2,4,5}, depth-2 refs {2,5}, depth-3 ref {3}.
 ANCHOR = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 3, 4, 0, 3, 0])
@@ -39,40 +39,49 @@ def test_documents_and_padding_isolate():
     assert sorted(torch.nonzero(m[7]).squeeze(1).tolist()) == [3, 7]
 
 
-def _dense_range_reference(q, k, v, start, end):
-    pos = torch.arange(k.shape[0])
-    mask = (pos[None, :] >= start[:, None]) & (pos[None, :] <= end[:, None])
-    g = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
+    """Softmax over [context range ∪ own chain] by hand (einsum, no kernel): 0 where nothing is visible."""
+    pos = torch.arange(k_ctx.shape[0])
+    visible_ctx = (pos[None, :] >= start[:, None]) & (pos[None, :] <= end[:, None])
+    visible_own = torch.zeros(q.shape[0], q.shape[0], dtype=torch.bool)
+    rows = torch.arange(q.shape[0])[:, None].expand_as(chain)
+    visible_own[rows[chain >= 0], chain[chain >= 0]] = True
+    mask = torch.cat([visible_ctx, visible_own], dim=1)
+    g = q.shape[1] // k_ctx.shape[1]
+    kk = torch.cat([k_ctx, k_own]).repeat_interleave(g, 1)
+    vv = torch.cat([v_ctx, v_own]).repeat_interleave(g, 1)
     s = torch.einsum("qhd,khd->hqk", q, kk) * q.shape[-1] ** -0.5
-    s = s.masked_fill(~mask[None], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return torch.einsum("hqk,khd->qhd", p, vv), lse.T
+    p = torch.softmax(s.masked_fill(~mask[None], float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, vv)
 
 
-@pytest.mark.parametrize("budget", [64, 1 << 22])
-def test_range_attention_matches_dense_values_and_grads(budget):
+@pytest.mark.parametrize("tile_pairs", [16, 1 << 22])
+@pytest.mark.parametrize("with_chain", [False, True])
+def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain):
     torch.manual_seed(0)
     mq, nk, hq, hkv, d = 37, 23, 4, 2, 8
     q = torch.randn(mq, hq, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(nk, hkv, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(nk, hkv, d, dtype=torch.float64, requires_grad=True)
+    tensors = [torch.randn(n, hkv, d, dtype=torch.float64, requires_grad=True) for n in (nk, nk, mq, mq)]
     start = torch.randint(0, nk, (mq,))
     end = torch.minimum(start + torch.randint(0, 8, (mq,)), torch.tensor(nk - 1))
     end[::7] = start[::7] - 1  # some empty ranges
-    out, lse = range_attention(q, k, v, start, end, budget=budget)
-    ref_out, ref_lse = _dense_range_reference(q, k, v, start, end)
-    assert torch.allclose(out, ref_out, atol=1e-6)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=1e-6)
-    w_out, w_lse = torch.randn_like(out), torch.randn(mq, hq, dtype=torch.float64)
-    grads = torch.autograd.grad((out * w_out).sum() + (lse.double().nan_to_num(0, 0, 0) * w_lse).sum(), (q, k, v))
-    ref_grads = torch.autograd.grad((ref_out * w_out).sum() + (ref_lse.nan_to_num(0, 0, 0) * w_lse).sum(),
-                                    (q, k, v))
-    for g, r in zip(grads, ref_grads, strict=True):
-        assert torch.allclose(g, r, atol=1e-5)
+    chain = torch.full((mq, 3), -1)
+    if with_chain:  # up to 3 own keys each, anywhere among the queries; some queries see only their chain
+        chain = torch.where(torch.rand(mq, 3) < 0.6, torch.randint(0, mq, (mq, 3)), -1)
+        chain[1::7, 0] = 1
+    plan = TilePlan(start, end, chain)
+    out = tile_attention(q, tensors[0], tensors[1], plan, tensors[2], tensors[3]) if with_chain else \
+        tile_attention(q, tensors[0], tensors[1], TilePlan(start, end, tile_pairs=tile_pairs))
+    ref = _dense_tile_reference(q, *tensors, start, end, chain)
+    nothing = (start > end) & (chain < 0).all(1)
+    assert torch.equal(out[nothing], torch.zeros_like(out[nothing]))
+    assert torch.allclose(out, ref, atol=1e-10)
+    w = torch.randn_like(out)
+    leaves = (q, *tensors) if with_chain else (q, tensors[0], tensors[1])
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
+    for g_, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g_, r, atol=1e-10)
 
 
 def _random_layout(draw_lengths, seed, k):

@@ -4,10 +4,12 @@ For E supervised elements with draft hidden h (post final norm), draft lm_head W
 log-probs log p (target logits restricted to the draft vocab, renormalised):
 
     z = h @ Wᵀ,  log q = log_softmax(z),  KL_e = Σ_v p_v (log p_v − log q_v)
+                                          = Σ_v p_v log p_v − p · z + logsumexp(z) Σ_v p_v
     ∂KL_e/∂z = softmax(z) − p            (because Σ_v p_v = 1)
     ∂/∂h = (q − p) @ W,   ∂/∂W = (q − p)ᵀ @ h
 
-`_ChunkedKL` loops over chunks of elements in forward (sums and metrics only) and recomputes each
+`_ChunkedKL` loops over chunks of elements sorted by target row in forward (sums and metrics only;
+the ~K elements that share a target position share one target softmax) and recomputes each
 chunk's logits in backward, so extra memory is O(chunk × Vd) instead of O(E × Vd). All maths in fp32;
 gradients come back in the inputs' dtypes. The loss is a SUM: the caller divides by the global count
 of supervised elements (docs/conventions.md, "Loss").
@@ -77,7 +79,7 @@ class LossSums:
     count_per_depth: torch.Tensor
 
 
-def _target_logprobs(
+def _target_rows(
     start: int,
     end: int,
     target_logits: torch.Tensor | None,
@@ -85,19 +87,27 @@ def _target_logprobs(
     target_head: nn.Module | None,
     target_index: torch.Tensor | None,
     acc: torch.dtype,
-) -> torch.Tensor:
-    """Target log-probs over the draft vocab for elements [start, end) (rows via target_index), no grad."""
-    rows = slice(start, end) if target_index is None else target_index[start:end]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct target rows of elements [start, end), no grad: p [U, Vd] over the draft vocab,
+    Σ p log p [U], Σ p [U] (1 up to rounding), argmax [U], and each element's row in them [C].
+
+    Elements come sorted by target row (`kl_loss` sorts them), so the ~K elements that share a target
+    position share one softmax (and, from hidden states, one target-head matmul)."""
+    source = target_logits if target_logits is not None else target_hidden
+    if target_index is None:  # one target row per element
+        rows, inverse = slice(start, end), torch.arange(end - start, device=source.device)
+    else:
+        rows, inverse = torch.unique_consecutive(target_index[start:end], return_inverse=True)
     with torch.no_grad():
-        if target_logits is not None:
-            logits = target_logits[rows].to(acc)
-        else:
-            logits = target_head(target_hidden[rows]).to(acc)
-        return torch.log_softmax(logits, dim=-1)
+        logits = source[rows] if target_logits is not None else target_head(source[rows])
+        log_p = torch.log_softmax(logits.to(acc), dim=-1)
+        p = log_p.exp()
+        neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(-1)  # 0·log 0 = 0
+        return p, neg_entropy, p.sum(-1), log_p.argmax(-1), inverse
 
 
 # The backward needs q − p of every chunk. The forward keeps it for the first chunks up to this many
-# bytes (no recompute of their logits, softmaxes and target log-probs in backward: ~1/4 of the loss's
+# bytes (no recompute of their logits, softmaxes and target rows in backward: ~1/4 of the loss's
 # work); the rest is recomputed, so the extra memory stays bounded whatever E × Vd is.
 _KEEP_BYTES = 64 << 20
 
@@ -112,26 +122,31 @@ def _forward_chunks(
     keep: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-depth KL sums, top-1 agreement and counts, one chunk of elements at a time; appends q − p of
-    the first chunks (within `_KEEP_BYTES`) to ``keep`` for the backward."""
+    the first chunks (within `_KEEP_BYTES`) to ``keep`` for the backward.
+
+    KL_e = Σ p log p − Σ_v p_v z_v + lse(z)·Σ p  (= Σ_v p_v (log p_v − log q_v)): the target terms are
+    per distinct target row, the element terms are one dot product and one log-sum-exp per element."""
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 maths (fp64 when given fp64)
     w32 = weight.to(acc)
     kl_per_depth = torch.zeros(num_depths, dtype=acc, device=hidden.device)
     correct = torch.zeros_like(kl_per_depth)
     count = torch.zeros_like(kl_per_depth)
+    kept_bytes = 0
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
-        log_q = torch.log_softmax(hidden[start:end].to(acc) @ w32.T, dim=-1)
-        log_p = _target_logprobs(start, end, *target, acc)
-        p = log_p.exp()
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # 0·log 0 = 0
+        z = hidden[start:end].to(acc) @ w32.T
+        lse = torch.logsumexp(z, dim=-1)
+        p, neg_entropy, p_sum, top, inverse = _target_rows(start, end, *target, acc)
+        p = p.index_select(0, inverse)
+        kl = neg_entropy[inverse] - torch.einsum("cv,cv->c", p, z) + lse * p_sum[inverse]
         d = depth[start:end]
         kl_per_depth.index_add_(0, d, kl)
-        correct.index_add_(0, d, (log_q.argmax(-1) == log_p.argmax(-1)).to(acc))
+        correct.index_add_(0, d, (z.argmax(-1) == top[inverse]).to(acc))
         count.index_add_(0, d, torch.ones_like(kl))
-        kept_bytes = sum(t.numel() * t.element_size() for t in keep) if keep is not None else 0
-        if keep is not None and len(keep) == start // chunk_size and \
-                kept_bytes + log_q.numel() * log_q.element_size() <= _KEEP_BYTES:  # a prefix of the chunks
-            keep.append(log_q.exp_().sub_(p))  # q − p, in log_q's buffer
+        size = z.numel() * z.element_size()
+        if keep is not None and len(keep) == start // chunk_size and kept_bytes + size <= _KEEP_BYTES:
+            keep.append(z.sub_(lse[:, None]).exp_().sub_(p))  # q − p, in z's buffer (a prefix of the chunks)
+            kept_bytes += size
     return kl_per_depth, correct, count
 
 
@@ -158,7 +173,8 @@ def _backward_chunks(
             dz = kept[start // chunk_size].mul_(g)
         else:
             dz = torch.softmax(h32 @ w32.T, dim=-1)
-            dz.sub_(_target_logprobs(start, end, *target, acc).exp()).mul_(g)  # in place: one [C, Vd] buffer
+            p, *_, inverse = _target_rows(start, end, *target, acc)
+            dz.sub_(p.index_select(0, inverse)).mul_(g)  # in place: one [C, Vd] buffer
         if need_h:
             grad_h[start:end] = (dz @ w32).to(hidden.dtype)
         if need_w:
@@ -251,15 +267,20 @@ def kl_loss(
         )
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    depth = depth.long()
+    if target_index is not None:  # sorted by target row: a chunk's elements share their target rows
+        target_index = target_index.long()
+        order = torch.argsort(target_index, stable=True)
+        hidden, depth, target_index = hidden.index_select(0, order), depth[order], target_index[order]
     kl_sum, kl_per_depth, correct, count = _ChunkedKL.apply(
         hidden,
         lm_head_weight,
-        depth.long(),
+        depth,
         num_depths,
         None if target_logits is None else target_logits.detach(),
         None if target_hidden is None else target_hidden.detach(),
         target_head,
-        None if target_index is None else target_index.long(),
+        target_index,
         chunk_size,
     )
     return LossSums(kl_sum, kl_per_depth, correct, count)

@@ -9,8 +9,10 @@ This is what vLLM's parallel-drafting runtime shows a mask slot (docs/convention
 2. `cod_block_mask` + `FlexCODAttention`: FlexAttention for CUDA (compiled, dynamic shapes).
 3. `CODAttention`: the structured path that trains anywhere, CPU included. A query's visible keys
    are a contiguous range of the depth-0 stream ([document start, anchor]) plus at most d elements
-   of its own chain, so attention = range attention (query chunks, custom backward, O(chunk × range)
-   memory) merged by log-sum-exp with a tiny gathered chain attention. No M×M matrix is built.
+   of its own chain. Queries sorted by anchor are cut into chunks; a chunk's keys are its range
+   union plus the window of its own elements that holds the chains, and one fused flash-attention
+   call (forward and backward) computes it under an additive mask (`tile_attention`). No M×M matrix
+   and no score tile is stored; chunks are sized so that at least half of every tile is needed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 # A draft layer calls attention(layer_idx, q [M, Hq, hd], k [M, Hkv, hd], v [M, Hkv, hd]) -> [M, Hq, hd].
 Attention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -105,235 +106,200 @@ class FlexCODAttention:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structured path: range attention (custom autograd) + chain attention, merged by log-sum-exp.
+# Structured path: tile attention through the CPU flash kernel.
 
 
-# A chunk of queries shares one [c, R] score tile over the union of their key ranges, so a tile spends
-# c·R products on Σ range pairs the queries need. The greedy split keeps every tile at least half useful,
-# unless the tile is under _SMALL_TILE pairs (then one more op sequence would cost more than the waste).
-# Short documents (many ranges far apart) get small tiles, one long document large ones: the old fixed
-# chunk of up to 1024 queries spent ~14 products per useful one on the demo's 4 rows of short chats.
+# Queries are sorted by range end and cut into chunks; a chunk's keys are the union of its queries'
+# context ranges plus a window of the queries' own elements holding their chains, and one fused flash
+# call (forward, and one backward) computes the chunk under an additive mask. The greedy split keeps
+# every tile at least half made of pairs a query needs (or under _SMALL_TILE pairs, where the call's
+# fixed cost dominates the waste) and at most _TILE_PAIRS pairs (the mask's memory). The old fixed
+# chunk of up to 1024 queries spent ~14 products per useful one on the demo's rows of short chats.
 _SMALL_TILE = 1 << 14
+_TILE_PAIRS = 1 << 18
 _MAX_CHUNK = 1024
+# Masks are kept for the layers and the backward up to this many bytes per plan, then rebuilt per call.
+_KEEP_MASK_BYTES = 64 << 20
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _chunks(start: Tensor, end: Tensor, budget: int, heads: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Split queries (already sorted by range end) into chunks whose score tiles are mostly useful.
+def _chunks(start: list[int], end: list[int], own_lo: list[int], own_hi: list[int], own_count: list[int],
+            tile_pairs: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Split queries (sorted by range end) into chunks (i, j, lo, hi, a, b) whose tiles are mostly useful.
 
-    Each chunk is (i, j, lo, hi, full_lo, full_hi): queries i..j-1 see keys within [lo, hi]; keys in
-    [full_lo, full_hi] are visible to every query of the chunk, so only the edges need masking. A tile
-    holds at most `budget` scores (heads × c × R), at least half of them needed by their query (or it is
-    smaller than `_SMALL_TILE` pairs). Empty ranges (start > end) are skipped.
+    Queries i..j-1 see context keys within [lo, hi] (lo > hi: none) and own keys within [a, b). A
+    query with nothing visible (empty range, no chain) starts no chunk and is skipped inside one.
     """
     out = []
-    starts, ends = start.tolist(), end.tolist()
-    cap = max(1, budget // max(1, heads))
-    i, n = 0, len(ends)
+    i, n = 0, len(end)
     while i < n:
-        if starts[i] > ends[i]:
+        if start[i] > end[i] and not own_count[i]:
             i += 1
             continue
-        lo, hi, full_lo, full_hi, useful, j = starts[i], ends[i], starts[i], ends[i], ends[i] - starts[i] + 1, i + 1
+        lo, hi, a, b = start[i], end[i], own_lo[i], own_hi[i] + 1
+        useful = max(0, end[i] - start[i] + 1) + own_count[i]
+        j = i + 1
         while j < n and j - i < _MAX_CHUNK:
-            s_j, e_j = starts[j], ends[j]
-            if s_j > e_j:  # an empty range inside the chunk costs nothing (its row is masked)
+            ranged, owned = start[j] <= end[j], own_count[j] > 0
+            if not ranged and not owned:  # nothing visible: costs a masked row only
                 j += 1
                 continue
-            new_lo, new_useful = min(lo, s_j), useful + e_j - s_j + 1
-            area = (j + 1 - i) * (e_j - new_lo + 1)
-            if area > cap or (area > _SMALL_TILE and area > 2 * new_useful):
+            n_lo, n_hi = (min(lo, start[j]), max(hi, end[j])) if ranged else (lo, hi)
+            n_a, n_b = (min(a, own_lo[j]), max(b, own_hi[j] + 1)) if owned else (a, b)
+            n_useful = useful + max(0, end[j] - start[j] + 1) + own_count[j]
+            area = (j + 1 - i) * (max(0, n_hi - n_lo + 1) + max(0, n_b - n_a))
+            if area > tile_pairs or (area > _SMALL_TILE and area > 2 * n_useful):
                 break
-            lo, hi, useful, j = new_lo, e_j, new_useful, j + 1
-            full_lo, full_hi = max(full_lo, s_j), min(full_hi, e_j)
-        out.append((i, j, lo, hi, full_lo, full_hi))
+            lo, hi, a, b, useful, j = n_lo, n_hi, n_a, n_b, n_useful, j + 1
+        if lo > hi:
+            lo, hi = 0, -1
+        if a >= b:
+            a = b = 0
+        out.append((i, j, lo, hi, a, b))
         i = j
     return out
 
 
-class RangePlan:
-    """The query order and chunks of one set of ranges, computed once and reused by every layer (and by
-    the backward passes): the ranges of a COD batch are the same in all layers."""
+class TilePlan:
+    """One forward's query order, chunks and masks, built once and shared by every layer and the backward
+    (the ranges and chains of a COD batch are the same in all layers).
 
-    def __init__(self, start: Tensor, end: Tensor, heads: int, budget: int = 1 << 20):
-        self.order = torch.argsort(end, stable=True)
-        self.start_s, self.end_s = start[self.order], end[self.order]
-        self.chunks = _chunks(self.start_s, self.end_s, budget, heads)
+    Query i sees context keys start[i]..end[i] (inclusive; start > end: none) and, with ``chain``
+    [M, C] (indices into the queries themselves, −1 = none), its own chain's elements.
+    """
+
+    def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int = _TILE_PAIRS):
         m = end.numel()
+        self.order = torch.argsort(end, stable=True)
+        self.inv = torch.empty_like(self.order)
+        self.inv[self.order] = torch.arange(m, device=end.device)
+        self.start_s, self.end_s = start[self.order], end[self.order]
+        big = torch.iinfo(torch.long).max
+        if chain is not None and chain.shape[1]:
+            ch = chain[self.order]
+            self.own = torch.where(ch >= 0, self.inv[ch.clamp(min=0)], -1)  # sorted positions of chain keys
+            valid = self.own >= 0
+            own_lo = torch.where(valid, self.own, big).amin(1).tolist()
+            own_hi, own_count = self.own.amax(1).tolist(), valid.sum(1).tolist()
+        else:
+            self.own, own_lo, own_hi, own_count = None, [big] * m, [-1] * m, [0] * m
+        self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), own_lo, own_hi, own_count, tile_pairs)
+        self.has_own = any(b > a for *_, a, b in self.chunks)
         covered = torch.zeros(m, dtype=torch.bool, device=end.device)
         for i, j, *_ in self.chunks:
             covered[i:j] = True
-        self.dead = (self.start_s > self.end_s) | ~covered  # empty ranges (padding queries): out 0, lse -inf
-        self.inv = torch.empty_like(self.order)
-        self.inv[self.order] = torch.arange(m, device=end.device)
-        self._masks: list[Tensor] | None = None
+        nothing = (self.start_s > self.end_s) & (torch.tensor(own_count, device=end.device) == 0)
+        self.dead = (nothing | ~covered)[self.inv]  # in the queries' own order: these give 0
+        self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
+        self._kept = 0
 
-    def masks(self) -> list[Tensor]:
-        """Per chunk, the [c, R] boolean of visible keys (a dead query sees its first column, then gives 0)."""
-        if self._masks is None:
-            self._masks = []
-            for i, j, lo, hi, _, _ in self.chunks:
-                pos = torch.arange(lo, hi + 1, device=self.end_s.device)
-                st, en = self.start_s[i:j, None], self.end_s[i:j, None]
-                mask = (pos[None, :] >= st) & (pos[None, :] <= en)
-                mask[:, 0] |= ~mask.any(dim=1)
-                self._masks.append(mask)
-        return self._masks
-
-
-def _edge_mask_(x: Tensor, start: Tensor, end: Tensor, lo: int, full_lo: int, full_hi: int, value: float) -> None:
-    """In place: x [..., c, R] over keys lo..lo+R-1 gets `value` outside each query's [start, end]."""
-    r = x.shape[-1]
-    if full_lo > lo:  # head columns [lo, full_lo)
-        pos = torch.arange(lo, full_lo, device=x.device)
-        x[..., : full_lo - lo].masked_fill_(pos[None, :] < start[:, None], value)
-    if full_hi - lo + 1 < r:  # tail columns (full_hi, hi]
-        pos = torch.arange(full_hi + 1, lo + r, device=x.device)
-        x[..., full_hi - lo + 1 :].masked_fill_(pos[None, :] > end[:, None], value)
-    if full_lo > full_hi:  # no column is shared by all queries: mask the middle too
-        pos = torch.arange(lo, lo + r, device=x.device)
-        x.masked_fill_((pos[None, :] < start[:, None]) | (pos[None, :] > end[:, None]), value)
+    def mask(self, index: int, dtype: torch.dtype) -> Tensor:
+        """Chunk `index`'s additive mask [c, R + W] (0 visible, −inf not) over its context then own keys.
+        A query that sees nothing sees its first key instead (the kernel stays finite; its output is 0)."""
+        key = (index, dtype)
+        if key in self._masks:
+            return self._masks[key]
+        i, j, lo, hi, a, b = self.chunks[index]
+        pos = torch.arange(lo, hi + 1, device=self.end_s.device)
+        vis = (pos[None, :] >= self.start_s[i:j, None]) & (pos[None, :] <= self.end_s[i:j, None])
+        if b > a:
+            rel = self.own[i:j] - a
+            own = torch.zeros(j - i, b - a + 1, dtype=torch.bool, device=vis.device)
+            own.scatter_(1, torch.where(self.own[i:j] >= 0, rel, b - a), True)  # column b - a: the −1 slots
+            vis = torch.cat([vis, own[:, : b - a]], dim=1)
+        vis[:, 0] |= ~vis.any(dim=1)
+        mask = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
+        size = mask.numel() * mask.element_size()
+        if self._kept + size <= _KEEP_MASK_BYTES:
+            self._masks[key], self._kept = mask, self._kept + size
+        return mask
 
 
-class _RangeAttention(torch.autograd.Function):
-    """Each query i attends keys start[i]..end[i] (inclusive); returns (out, lse) with lse differentiable.
+def _tile(ctx_keys: Tensor, own_keys: Tensor | None, lo: int, hi: int, a: int, b: int, groups: int) -> Tensor:
+    """One chunk's keys [groups, Hkv, R + W, hd]: the context range then the own window (groups: a
+    stride-0 batch, so each kv head serves its query group without copies)."""
+    tile = ctx_keys[:, lo:hi + 1]
+    if b > a:
+        tile = torch.cat([tile, own_keys[:, a:b]], dim=1)
+    return tile[None].expand(groups, -1, -1, -1)
 
-    Queries are sorted by range end once and laid out [Hkv, M, G, hd], so a chunk of queries is a
-    contiguous [Hkv, c·G, hd] view and every product is a plain bmm against [Hkv, R, hd] keys (GQA
-    without copies). One chunk's scores ([Hkv, c·G, R]) are the only quadratic buffer.
+
+class _TileAttention(torch.autograd.Function):
+    """Forward and backward of `tile_attention`, chunk by chunk through the CPU flash kernel.
+
+    Queries are laid out [G, Hkv, M, hd] (G = query heads per kv head as the kernel's batch), sorted
+    by range end, so a chunk is a view; keys [Hkv, n, hd]. Saved: q, k, v, the output and its lse;
+    the key tiles are re-cut in backward. Gradients of the keys are summed over the query groups.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale):
+    def forward(ctx, q, k_ctx, v_ctx, k_own, v_own, plan, scale):  # noqa: ANN001, ANN205
         m, hq, d = q.shape
-        hkv = k.shape[1]
+        hkv = k_ctx.shape[1]
         g = hq // hkv
-        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) accumulation
-        order, start_s, end_s, chunks = plan.order, plan.start_s, plan.end_s, plan.chunks
-        qh = q[order].to(acc).view(m, hkv, g, d).transpose(0, 1).contiguous()  # [hkv, m, g, d]
-        kh = k.to(acc).transpose(0, 1).contiguous()  # [hkv, n, d]
-        vh = v.to(acc).transpose(0, 1).contiguous()
-        out_h = torch.empty(hkv, m, g, d, dtype=acc, device=q.device)
-        lse_h = torch.empty(hkv, m, g, dtype=acc, device=q.device)
-        for i, j, lo, hi, full_lo, full_hi in chunks:
-            c = j - i
-            s = torch.bmm(qh[:, i:j].reshape(hkv, c * g, d), kh[:, lo : hi + 1].transpose(1, 2)).mul_(scale)
-            _edge_mask_(s.view(hkv, c, g, -1).transpose(1, 2), start_s[i:j], end_s[i:j], lo, full_lo, full_hi,
-                        float("-inf"))
-            mx = s.amax(-1, keepdim=True)
-            mx = torch.where(torch.isfinite(mx), mx, 0.0)
-            p = s.sub_(mx).exp_()
-            total = p.sum(-1, keepdim=True)
-            out_h[:, i:j] = torch.bmm(p, vh[:, lo : hi + 1]).div_(total).view(hkv, c, g, d)
-            lse_h[:, i:j] = total.log_().add_(mx).view(hkv, c, g)
-        dead, inv = plan.dead, plan.inv
-        if bool(dead.any()):
-            out_h.masked_fill_(dead[None, :, None, None], 0.0)
-            lse_h.masked_fill_(dead[None, :, None], float("-inf"))
-        ctx.save_for_backward(qh, kh, vh, start_s, end_s, out_h, lse_h, order, inv)
-        ctx.shape, ctx.scale, ctx.chunks = (m, hq, d, k.dtype, v.dtype, q.dtype), scale, chunks
-        out = out_h.transpose(0, 1).reshape(m, hq, d)[inv]
-        lse = lse_h.transpose(0, 1).reshape(m, hq)[inv]
-        return out.to(q.dtype), lse
+        qh = q.index_select(0, plan.order).view(m, hkv, g, d).permute(2, 1, 0, 3).contiguous()
+        kc, vc = k_ctx.transpose(0, 1).contiguous(), v_ctx.transpose(0, 1).contiguous()
+        ko = vo = None
+        if plan.has_own:
+            ko = k_own.index_select(0, plan.order).transpose(0, 1).contiguous()
+            vo = v_own.index_select(0, plan.order).transpose(0, 1).contiguous()
+        out_h = q.new_zeros(g, hkv, m, d)
+        lse_h = torch.zeros(g, hkv, m, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+        for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
+            out, lse = _flash(qh[:, :, i:j], _tile(kc, ko, lo, hi, a, b, g), _tile(vc, vo, lo, hi, a, b, g),
+                              0.0, False, attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale)
+            out_h[:, :, i:j], lse_h[:, :, i:j] = out, lse
+        ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h)
+        ctx.plan, ctx.scale, ctx.own_shape = plan, scale, None if k_own is None else k_own.shape
+        return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        qh, kh, vh, start_s, end_s, out_h, lse_h, order, inv = ctx.saved_tensors
-        m, hq, d, kdt, vdt, qdt = ctx.shape
-        hkv, g = kh.shape[0], hq // kh.shape[0]
-        scale, acc = ctx.scale, out_h.dtype
-        dout_h = (dout[order].to(acc).view(m, hkv, g, d).transpose(0, 1).contiguous()
-                  if dout is not None else torch.zeros_like(out_h))
-        delta = (dout_h * out_h).sum(-1)  # [hkv, m, g]
-        if dlse is not None:
-            delta -= dlse[order].to(acc).view(m, hkv, g).transpose(0, 1)
-        dq_h = torch.zeros_like(qh)
-        dk_h = torch.zeros_like(kh)
-        dv_h = torch.zeros_like(vh)
-        for i, j, lo, hi, full_lo, full_hi in ctx.chunks:
-            c = j - i
-            kc, vc = kh[:, lo : hi + 1], vh[:, lo : hi + 1]
-            qc = qh[:, i:j].reshape(hkv, c * g, d)
-            s = torch.bmm(qc, kc.transpose(1, 2)).mul_(scale)
-            l = lse_h[:, i:j].reshape(hkv, c * g, 1)
-            p = s.sub_(torch.where(torch.isfinite(l), l, 0.0)).exp_()
-            p4 = p.view(hkv, c, g, -1).transpose(1, 2)
-            _edge_mask_(p4, start_s[i:j], end_s[i:j], lo, full_lo, full_hi, 0.0)
-            p4.masked_fill_((start_s[i:j] > end_s[i:j])[:, None], 0.0)
-            do = dout_h[:, i:j].reshape(hkv, c * g, d)
-            dv_h[:, lo : hi + 1] += torch.bmm(p.transpose(1, 2), do)
-            dp = torch.bmm(do, vc.transpose(1, 2))
-            ds = p.mul_(dp.sub_(delta[:, i:j].reshape(hkv, c * g, 1))).mul_(scale)
-            dq_h[:, i:j] = torch.bmm(ds, kc).view(hkv, c, g, d)
-            dk_h[:, lo : hi + 1] += torch.bmm(ds.transpose(1, 2), qc)
-        dq = dq_h.transpose(0, 1).reshape(m, hq, d)[inv]
-        return dq.to(qdt), dk_h.transpose(0, 1).to(kdt), dv_h.transpose(0, 1).to(vdt), None, None
+    def backward(ctx, dout):  # noqa: ANN001, ANN205
+        qh, kc, vc, ko, vo, out_h, lse_h = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        g, hkv, m, d = qh.shape
+        dout_h = dout.index_select(0, plan.order).view(m, hkv, g, d).permute(2, 1, 0, 3).contiguous()
+        dq_h, dkc, dvc = torch.zeros_like(qh), torch.zeros_like(kc), torch.zeros_like(vc)
+        dko = dvo = None
+        if ko is not None:
+            dko, dvo = torch.zeros_like(ko), torch.zeros_like(vo)
+        for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
+            dq, dk, dv = _flash_backward(
+                dout_h[:, :, i:j], qh[:, :, i:j], _tile(kc, ko, lo, hi, a, b, g), _tile(vc, vo, lo, hi, a, b, g),
+                out_h[:, :, i:j], lse_h[:, :, i:j], 0.0, False, attn_mask=plan.mask(index, qh.dtype)[None, None],
+                scale=scale)
+            dq_h[:, :, i:j] = dq
+            dk, dv, r = dk.sum(0), dv.sum(0), hi - lo + 1
+            dkc[:, lo:hi + 1] += dk[:, :r]
+            dvc[:, lo:hi + 1] += dv[:, :r]
+            if b > a:
+                dko[:, a:b] += dk[:, r:]
+                dvo[:, a:b] += dv[:, r:]
+        dq = dq_h.permute(2, 1, 0, 3).reshape(m, g * hkv, d).index_select(0, plan.inv)
+        dk_own = dv_own = None
+        if ctx.own_shape is not None:  # own keys came in the queries' order, the tiles hold them sorted
+            dk_own = torch.zeros(ctx.own_shape, dtype=qh.dtype, device=qh.device) if dko is None \
+                else dko.transpose(0, 1).index_select(0, plan.inv)
+            dv_own = torch.zeros_like(dk_own) if dvo is None else dvo.transpose(0, 1).index_select(0, plan.inv)
+        return dq, dkc.transpose(0, 1), dvc.transpose(0, 1), dk_own, dv_own, None, None
 
 
-def range_attention(
-    q: Tensor, k: Tensor, v: Tensor, start: Tensor, end: Tensor, scale: float | None = None,
-    budget: int = 1 << 20, plan: RangePlan | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Attention where query i sees keys start[i]..end[i]; returns (out [M, Hq, hd], lse [M, Hq] fp32).
+def tile_attention(
+    q: Tensor, k_ctx: Tensor, v_ctx: Tensor, plan: TilePlan, k_own: Tensor | None = None,
+    v_own: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """Attention where query i sees context keys start[i]..end[i] and its chain among the queries' own
+    keys (`plan`'s ranges and chains); out [M, Hq, hd], 0 for a query that sees nothing.
 
-    An empty range (start > end) gives out 0 and lse −inf. Memory: one [Hq, chunk, range] tile at a
-    time (`budget` elements), in forward and backward. ``plan``: `RangePlan(start, end, Hq, budget)`
-    when the same ranges serve several calls (every layer of a forward).
+    q [M, Hq, hd]; k_ctx / v_ctx [n, Hkv, hd]; k_own / v_own [M, Hkv, hd] (the queries' own keys, when
+    the plan has chains). Memory beyond q, k, v and the output: one chunk's mask at a time (plus the
+    kept masks) and the flash kernel's blocks; no score matrix is stored.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    plan = plan if plan is not None else RangePlan(start, end, q.shape[1], budget)
-    return _RangeAttention.apply(q, k, v, plan, scale)
-
-
-def masked_chunk_attention(q: Tensor, k: Tensor, v: Tensor, plan: RangePlan) -> Tensor:
-    """`range_attention`'s output (no lse) through SDPA's fused kernel, one masked [c, R] tile per chunk:
-    two fused ops per chunk (forward, backward) instead of a dozen, for queries that need no lse."""
-    m, hq, d = q.shape
-    qs = q.index_select(0, plan.order)
-    out = q.new_zeros(m, hq, d)  # queries outside every chunk (empty ranges) keep 0
-    for (i, j, lo, hi, _, _), mask in zip(plan.chunks, plan.masks(), strict=True):
-        tile = F.scaled_dot_product_attention(
-            qs[i:j].transpose(0, 1)[None], k[lo:hi + 1].transpose(0, 1)[None], v[lo:hi + 1].transpose(0, 1)[None],
-            attn_mask=mask[None, None], enable_gqa=hq != k.shape[1])
-        out[i:j] = tile[0].transpose(0, 1)
-    out = out.masked_fill(plan.dead[:, None, None], 0.0)
-    return out.index_select(0, plan.inv)
-
-
-def _chain_part(q: Tensor, k: Tensor, v: Tensor, chain: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    r, hq, d = q.shape
-    hkv = k.shape[1]
-    valid = chain >= 0
-    idx = chain.clamp(min=0)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    flat = idx.reshape(-1)  # index_select: its backward is a fast index_add, not an accumulating index_put
-    kc = k.index_select(0, flat).view(r, -1, hkv, d).to(acc)  # [r, c, hkv, d]
-    vc = v.index_select(0, flat).view(r, -1, hkv, d).to(acc)
-    s = torch.einsum("rhgd,rchd->rhgc", q.to(acc).view(r, hkv, hq // hkv, d), kc) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    out = torch.einsum("rhgc,rchd->rhgd", p, vc).reshape(r, hq, d)
-    return out, lse.reshape(r, hq)
-
-
-def chain_attention(q: Tensor, k: Tensor, v: Tensor, chain: Tensor, scale: float | None = None):
-    """Query i attends the key elements listed in chain[i] (−1 = none); returns (out, lse).
-
-    Recomputed in backward (activation checkpoint) so the gathered keys are never kept.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return checkpoint(_chain_part, q, k, v, chain, scale, use_reentrant=False)
-    return _chain_part(q, k, v, chain, scale)
-
-
-def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Combine two attentions over disjoint key sets by their log-sum-exps (both parts non-empty-safe)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    lse = torch.where(torch.isfinite(lse), lse, 0.0)
-    w_a = torch.exp(lse_a - lse)[..., None]
-    w_b = torch.exp(lse_b - lse)[..., None]
-    return w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_a.dtype)
+    out = _TileAttention.apply(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
+    return out.masked_fill(plan.dead[:, None, None], 0.0)
 
 
 class CODAttention:
@@ -352,14 +318,17 @@ class CODAttention:
         stream_shape: tuple[int, int] | None = None,
     ):
         self.key_start, self.key_end = key_start, key_end
-        self.rows = torch.nonzero((chain >= 0).any(dim=1)).squeeze(1)
-        self.chain = chain[self.rows]
         self.num_context, self.context, self.record = num_context, context, record
         self.stream_shape = stream_shape
-        self.num_stream = 0 if stream_shape is None else stream_shape[0] * stream_shape[1]
-        self._plans: dict[tuple[str, int], RangePlan] = {}  # built on the first layer, reused by the others
+        self.num_stream = s = 0 if stream_shape is None else stream_shape[0] * stream_shape[1]
+        # the queries past the stream see their range and their own chain (chain keys are never stream rows)
+        own_chain = chain[s:]
+        self.deep = TilePlan(key_start[s:], key_end[s:], torch.where(own_chain >= 0, own_chain - s, -1))
+        self.stream = None
         if stream_shape is not None:
             self.causal, self.stream_dead = _stream_layout(key_start, key_end, *stream_shape)
+            if not self.causal:
+                self.stream = TilePlan(key_start[:s], key_end[:s])
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.record is not None:
@@ -371,31 +340,16 @@ class CODAttention:
         s = self.num_stream
         parts = [self._stream_attention(q[:s], k_ctx, v_ctx)] if s else []
         if q.shape[0] > s:
-            out, lse = range_attention(q[s:], k_ctx, v_ctx, self.key_start[s:], self.key_end[s:],
-                                       plan=self._plan("deep", q.shape[1]))
-            if self.rows.numel():  # chain rows are never depth-0 stream rows
-                rows = self.rows - s
-                out_b, lse_b = chain_attention(q.index_select(0, self.rows), k, v, self.chain)
-                merged = merge_attention(out.index_select(0, rows), lse.index_select(0, rows), out_b, lse_b)
-                out = out.index_copy(0, rows, merged.to(out.dtype))
-            parts.append(out)
+            parts.append(tile_attention(q[s:], k_ctx, v_ctx, self.deep, k[s:], v[s:]))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def _plan(self, which: str, heads: int) -> RangePlan:
-        key = (which, heads)
-        if key not in self._plans:
-            s = self.num_stream
-            part = slice(0, s) if which == "stream" else slice(s, None)
-            self._plans[key] = RangePlan(self.key_start[part], self.key_end[part], heads)
-        return self._plans[key]
 
     def _stream_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The depth-0 stream over itself: SDPA's fused causal kernel when every row is one document from
         position 0 (then padding), else each query over [document start, itself] in masked tiles that are
-        at least half useful (`masked_chunk_attention`); one boolean [n, n] mask through SDPA would compute
-        every row's full square, ~n / (document length) times the pairs needed (17× on the demo's rows)."""
+        at least half useful (`tile_attention`); one boolean [n, n] mask through SDPA would compute every
+        row's full square, ~n / (document length) times the pairs needed (17× on the demo's rows)."""
         if not self.causal:
-            return masked_chunk_attention(q, k, v, self._plan("stream", q.shape[1]))
+            return tile_attention(q, k, v, self.stream)
         b, n = self.stream_shape
         heads = lambda x: x.view(b, n, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
         out = F.scaled_dot_product_attention(
