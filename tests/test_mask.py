@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import peagle.mask as mask_mod
 from peagle.cod import chain_table, document_starts, sample_cod
 from peagle.mask import CODAttention, FlexCODAttention, TilePlan, cod_mask, dense_attention, tile_attention
 
@@ -39,6 +40,14 @@ def test_documents_and_padding_isolate():
     assert sorted(torch.nonzero(m[7]).squeeze(1).tolist()) == [3, 7]
 
 
+class _SdpaTiles:
+    """`_TileAttention`'s interface, routed to the any-device per-chunk SDPA path."""
+
+    @staticmethod
+    def apply(*args):
+        return mask_mod._sdpa_tiles(*args)
+
+
 def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
     """Softmax over [context range ∪ own chain] by hand (einsum, no kernel): 0 where nothing is visible."""
     pos = torch.arange(k_ctx.shape[0])
@@ -57,7 +66,11 @@ def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
 
 @pytest.mark.parametrize("tile_pairs", [16, 1 << 22])
 @pytest.mark.parametrize("with_chain", [False, True])
-def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain):
+@pytest.mark.parametrize("kernel", ["cpu-flash", "sdpa"])
+def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, kernel, monkeypatch):
+    """Both implementations (the CPU flash ops with a custom backward; per-chunk SDPA, any device)."""
+    if kernel == "sdpa":
+        monkeypatch.setattr(mask_mod, "_TileAttention", _SdpaTiles)
     torch.manual_seed(0)
     mq, nk, hq, hkv, d = 37, 23, 4, 2, 8
     q = torch.randn(mq, hq, d, dtype=torch.float64, requires_grad=True)
@@ -69,9 +82,9 @@ def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain):
     if with_chain:  # up to 3 own keys each, anywhere among the queries; some queries see only their chain
         chain = torch.where(torch.rand(mq, 3) < 0.6, torch.randint(0, mq, (mq, 3)), -1)
         chain[1::7, 0] = 1
-    plan = TilePlan(start, end, chain)
-    out = tile_attention(q, tensors[0], tensors[1], plan, tensors[2], tensors[3]) if with_chain else \
-        tile_attention(q, tensors[0], tensors[1], TilePlan(start, end, tile_pairs=tile_pairs))
+    plan = TilePlan(start, end, chain if with_chain else None, tile_pairs=tile_pairs)
+    own = tensors[2:] if with_chain else (None, None)
+    out = tile_attention(q, tensors[0], tensors[1], plan, *own)
     ref = _dense_tile_reference(q, *tensors, start, end, chain)
     nothing = (start > end) & (chain < 0).all(1)
     assert torch.equal(out[nothing], torch.zeros_like(out[nothing]))

@@ -298,8 +298,32 @@ def tile_attention(
     kept masks) and the flash kernel's blocks; no score matrix is stored.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = _TileAttention.apply(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
+    if q.device.type == "cpu":
+        out = _TileAttention.apply(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
+    else:
+        out = _sdpa_tiles(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
     return out.masked_fill(plan.dead[:, None, None], 0.0)
+
+
+def _sdpa_tiles(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor | None, v_own: Tensor | None,
+                plan: TilePlan, scale: float) -> Tensor:
+    """The same tiles through the public SDPA with autograd per chunk: any device (CUDA evaluation and
+    sequence partitions; the CPU flash ops behind `_TileAttention` are CPU-only)."""
+    m, hq, d = q.shape
+    qs = q.index_select(0, plan.order)
+    ko = k_own.index_select(0, plan.order) if plan.has_own else None
+    vo = v_own.index_select(0, plan.order) if plan.has_own else None
+    out = q.new_zeros(m, hq, d)  # queries outside every chunk keep 0
+    heads = lambda x: x.transpose(0, 1)[None]  # noqa: E731
+    for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
+        kt, vt = k_ctx[lo:hi + 1], v_ctx[lo:hi + 1]
+        if b > a:
+            kt, vt = torch.cat([kt, ko[a:b]]), torch.cat([vt, vo[a:b]])
+        tile = F.scaled_dot_product_attention(heads(qs[i:j]), heads(kt), heads(vt),
+                                              attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale,
+                                              enable_gqa=hq != k_ctx.shape[1])
+        out[i:j] = tile[0].transpose(0, 1)
+    return out.index_select(0, plan.inv)
 
 
 class CODAttention:
