@@ -67,8 +67,10 @@ def profile_demo(config: Path, steps: int) -> None:
 
     from peagle.build import build
     from peagle.config import config_from_dict
+    from peagle.machine import keep_freed_memory
     from peagle.train import train_step
 
+    keep_freed_memory()  # as `peagle train` runs
     raw = yaml.safe_load(config.read_text())
     raw["train"].update(output_dir=tempfile.mkdtemp(prefix="peagle-profile-"), progress=False)
     raw["eval"] = {"enabled": False}
@@ -97,6 +99,9 @@ def profile_bench(length: int, steps: int) -> None:
     from step import build as build_case  # noqa: PLC0415 - the benchmark's own case
     from step import make_trainer, step_forwards
 
+    from peagle.machine import keep_freed_memory
+
+    keep_freed_memory()  # as `peagle train` runs
     draft, batch = build_case(length, 0)
     trainer = make_trainer(draft, "structured", 1)
     opt = torch.optim.AdamW(trainer.parameters(), lr=1e-3)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from peagle.machine import matmul_rate
+from peagle.machine import keep_freed_memory, matmul_rate
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, K = 256, 4, 2, 64, 688, 4096, 4, 8
 TARGET_LAYERS, AUX_LAYERS, LOGIT_SCALE, RATIO, RATIO_MIN, LR = 8, (2, 4, 5), 10.0, 0.7, 0.2, 6e-4
@@ -107,6 +107,7 @@ def step_forwards(trainer, batch):
 
 
 def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, seed: int) -> dict:
+    keep_freed_memory()  # as `peagle train` runs
     torch.manual_seed(seed)
     draft, batch = build(L, seed)
     trainer = make_trainer(draft, attention, partitions)

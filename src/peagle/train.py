@@ -38,6 +38,7 @@ from .config import Config, ConfigError, config_to_dict
 from .distributed import Dist, all_reduce, barrier, gather_objects, sync_unless
 from .eval import ContinuationSet, acceptance_on
 from .export import export_draft
+from .machine import keep_freed_memory
 from .optim import grad_norm
 from .resume import parse_accept_changes
 from .rundir import FINAL_DIR, RunLock, check_output_dir
@@ -102,6 +103,7 @@ def train(
     lock = RunLock(out, "train.output_dir") if int(os.environ.get("RANK", "0")) == 0 else None
     if lock is not None:
         lock.acquire()
+    keep_freed_memory()  # each step reuses the last step's memory instead of faulting it in again
     try:
         with contextlib.nullcontext() if cfg.train.progress else quiet_hf_progress():
             run = build(cfg, resume, accepted)
