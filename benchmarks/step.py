@@ -47,6 +47,10 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, K = 256, 4, 2, 64, 688,
 TARGET_LAYERS, AUX_LAYERS, LOGIT_SCALE, RATIO, RATIO_MIN, LR = 8, (2, 4, 5), 10.0, 0.7, 0.2, 6e-4
 
 
+# What caps torch's CPU kernels at one ISA: ATen's vectorised kernels, MKL's GEMMs, oneDNN's primitives.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -382,12 +386,20 @@ def main() -> None:
     p.add_argument("--peer-attn", default="sdpa", choices=("sdpa", "simple_flex_attention", "eager"),
                    help="peer_speculators.py --attn (sdpa: speculators' fastest CPU path)")
     p.add_argument("--peer-max-L", type=int, default=None, help="skip the peer above this L (default: none)")
+    p.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
+                   help="cap every run's CPU code paths (ATen kernels, MKL, oneDNN) at this ISA, peer included: "
+                        "an AVX2-only machine's kernels on this CPU (not its clock or memory)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.isa and any(os.environ.get(k) != v for k, v in ISA_ENV[args.isa].items()):
+        # read by torch / MKL / oneDNN at load: restart with them set (children and the peer inherit them)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[args.isa]})
+    if args.isa:
+        print(f"CPU code paths capped at {args.isa}: {' '.join(f'{k}={v}' for k, v in ISA_ENV[args.isa].items())}")
     if args.child:
         L, attention, partitions = int(args.child[0]), args.child[1], int(args.child[2])
         print("RESULT_JSON " + json.dumps(child(L, attention, partitions, args.steps, args.budget_s, args.seed)))
