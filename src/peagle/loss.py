@@ -242,8 +242,9 @@ def kl_loss(
     lm_head_weight [Vd, H]: may be frozen (requires_grad False → no weight gradient is computed).
     depth [E] in [0, num_depths). Target: exactly one of target_logits [E, Vd] (already restricted to
     the draft vocab) or target_hidden [E, Ht] with target_head (a `TargetHead`); with target_index [E]
-    the target tensors are indexed by it chunk by chunk (no [E, Vd] gather). The target never gets
-    a gradient. Extra memory is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32.
+    the target tensors are indexed by it chunk by chunk (no [E, Vd] gather), the elements sorted by it so
+    that each distinct target row is normalised once. The target never gets a gradient. Extra memory
+    is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32.
     """
     if (target_logits is None) == (target_hidden is None):
         raise ValueError("give exactly one of target_logits or target_hidden (+ target_head)")
