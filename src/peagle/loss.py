@@ -87,9 +87,9 @@ def _target_rows(
     target_head: nn.Module | None,
     target_index: torch.Tensor | None,
     acc: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The distinct target rows of elements [start, end), no grad: p [U, Vd] over the draft vocab,
-    Σ p log p [U], Σ p [U] (1 up to rounding), argmax [U], and each element's row in them [C].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct target rows of elements [start, end), no grad: log p [U, Vd] over the draft vocab,
+    and each element's row in them [C].
 
     Elements come sorted by target row (`kl_loss` sorts them), so the ~K elements that share a target
     position share one softmax (and, from hidden states, one target-head matmul)."""
@@ -100,10 +100,7 @@ def _target_rows(
         rows, inverse = torch.unique_consecutive(target_index[start:end], return_inverse=True)
     with torch.no_grad():
         logits = source[rows] if target_logits is not None else target_head(source[rows])
-        log_p = torch.log_softmax(logits.to(acc), dim=-1)
-        p = log_p.exp()
-        neg_entropy = torch.where(p > 0, p * log_p, 0.0).sum(-1)  # 0·log 0 = 0
-        return p, neg_entropy, p.sum(-1), log_p.argmax(-1), inverse
+        return torch.log_softmax(logits.to(acc), dim=-1), inverse
 
 
 # The backward needs q − p of every chunk. The forward keeps it for the first chunks up to this many
@@ -136,12 +133,14 @@ def _forward_chunks(
         end = min(start + chunk_size, hidden.shape[0])
         z = hidden[start:end].to(acc) @ w32.T
         lse = torch.logsumexp(z, dim=-1)
-        p, neg_entropy, p_sum, top, inverse = _target_rows(start, end, *target, acc)
-        p = p.index_select(0, inverse)
-        kl = neg_entropy[inverse] - torch.einsum("cv,cv->c", p, z) + lse * p_sum[inverse]
+        log_p, inverse = _target_rows(start, end, *target, acc)
+        p_rows = log_p.exp()
+        neg_entropy = torch.where(p_rows > 0, p_rows * log_p, 0.0).sum(-1)  # 0·log 0 = 0
+        p = p_rows.index_select(0, inverse)
+        kl = neg_entropy[inverse] - torch.einsum("cv,cv->c", p, z) + lse * p_rows.sum(-1)[inverse]
         d = depth[start:end]
         kl_per_depth.index_add_(0, d, kl)
-        correct.index_add_(0, d, (z.argmax(-1) == top[inverse]).to(acc))
+        correct.index_add_(0, d, (z.argmax(-1) == log_p.argmax(-1)[inverse]).to(acc))
         count.index_add_(0, d, torch.ones_like(kl))
         size = z.numel() * z.element_size()
         if keep is not None and len(keep) == start // chunk_size and kept_bytes + size <= _KEEP_BYTES:
@@ -173,8 +172,8 @@ def _backward_chunks(
             dz = kept[start // chunk_size].mul_(g)
         else:
             dz = torch.softmax(h32 @ w32.T, dim=-1)
-            p, *_, inverse = _target_rows(start, end, *target, acc)
-            dz.sub_(p.index_select(0, inverse)).mul_(g)  # in place: one [C, Vd] buffer
+            log_p, inverse = _target_rows(start, end, *target, acc)
+            dz.sub_(log_p.exp_().index_select(0, inverse)).mul_(g)  # in place: one [C, Vd] buffer
         if need_h:
             grad_h[start:end] = (dz @ w32).to(hidden.dtype)
         if need_w:

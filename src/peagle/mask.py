@@ -181,16 +181,18 @@ class TilePlan:
             ch = chain[self.order]
             self.own = torch.where(ch >= 0, self.inv[ch.clamp(min=0)], -1)  # sorted positions of chain keys
             valid = self.own >= 0
-            own_lo = torch.where(valid, self.own, big).amin(1).tolist()
-            own_hi, own_count = self.own.amax(1).tolist(), valid.sum(1).tolist()
+            own_lo, own_hi = torch.where(valid, self.own, big).amin(1).tolist(), self.own.amax(1).tolist()
+            own_count = valid.sum(1)
         else:
-            self.own, own_lo, own_hi, own_count = None, [big] * m, [-1] * m, [0] * m
-        self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), own_lo, own_hi, own_count, tile_pairs)
+            self.own, own_lo, own_hi = None, [big] * m, [-1] * m
+            own_count = torch.zeros(m, dtype=torch.long, device=end.device)
+        self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), own_lo, own_hi, own_count.tolist(),
+                              tile_pairs)
         self.has_own = any(b > a for *_, a, b in self.chunks)
         covered = torch.zeros(m, dtype=torch.bool, device=end.device)
         for i, j, *_ in self.chunks:
             covered[i:j] = True
-        nothing = (self.start_s > self.end_s) & (torch.tensor(own_count, device=end.device) == 0)
+        nothing = (self.start_s > self.end_s) & (own_count == 0)
         self.dead = (nothing | ~covered)[self.inv]  # in the queries' own order: these give 0
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
         self._kept = 0
@@ -252,7 +254,7 @@ class _TileAttention(torch.autograd.Function):
                               0.0, False, attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale)
             out_h[:, :, i:j], lse_h[:, :, i:j] = out, lse
         ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h)
-        ctx.plan, ctx.scale, ctx.own_shape = plan, scale, None if k_own is None else k_own.shape
+        ctx.plan, ctx.scale = plan, scale
         return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
     @staticmethod
@@ -278,11 +280,10 @@ class _TileAttention(torch.autograd.Function):
                 dko[:, a:b] += dk[:, r:]
                 dvo[:, a:b] += dv[:, r:]
         dq = dq_h.permute(2, 1, 0, 3).reshape(m, g * hkv, d).index_select(0, plan.inv)
-        dk_own = dv_own = None
-        if ctx.own_shape is not None:  # own keys came in the queries' order, the tiles hold them sorted
-            dk_own = torch.zeros(ctx.own_shape, dtype=qh.dtype, device=qh.device) if dko is None \
-                else dko.transpose(0, 1).index_select(0, plan.inv)
-            dv_own = torch.zeros_like(dk_own) if dvo is None else dvo.transpose(0, 1).index_select(0, plan.inv)
+        dk_own = dv_own = None  # own keys no tile held get no gradient
+        if dko is not None:  # own keys came in the queries' order, the tiles hold them sorted
+            dk_own = dko.transpose(0, 1).index_select(0, plan.inv)
+            dv_own = dvo.transpose(0, 1).index_select(0, plan.inv)
         return dq, dkc.transpose(0, 1), dvc.transpose(0, 1), dk_own, dv_own, None, None
 
 
@@ -311,15 +312,14 @@ def _sdpa_tiles(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor | None, v
     sequence partitions; the CPU flash ops behind `_TileAttention` are CPU-only)."""
     m, hq, d = q.shape
     qs = q.index_select(0, plan.order)
-    ko = k_own.index_select(0, plan.order) if plan.has_own else None
-    vo = v_own.index_select(0, plan.order) if plan.has_own else None
+    heads = lambda x: x.transpose(0, 1)  # noqa: E731 - [n, H, hd] -> [H, n, hd], as `_tile` takes them
+    kc, vc = heads(k_ctx), heads(v_ctx)
+    ko = heads(k_own.index_select(0, plan.order)) if plan.has_own else None
+    vo = heads(v_own.index_select(0, plan.order)) if plan.has_own else None
     out = q.new_zeros(m, hq, d)  # queries outside every chunk keep 0
-    heads = lambda x: x.transpose(0, 1)[None]  # noqa: E731
     for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
-        kt, vt = k_ctx[lo:hi + 1], v_ctx[lo:hi + 1]
-        if b > a:
-            kt, vt = torch.cat([kt, ko[a:b]]), torch.cat([vt, vo[a:b]])
-        tile = F.scaled_dot_product_attention(heads(qs[i:j]), heads(kt), heads(vt),
+        tile = F.scaled_dot_product_attention(heads(qs[i:j])[None], _tile(kc, ko, lo, hi, a, b, 1),
+                                              _tile(vc, vo, lo, hi, a, b, 1),
                                               attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale,
                                               enable_gqa=hq != k_ctx.shape[1])
         out[i:j] = tile[0].transpose(0, 1)
@@ -341,7 +341,6 @@ class CODAttention:
         context: list[tuple[Tensor, Tensor]] | None = None, record: dict | None = None,
         stream_shape: tuple[int, int] | None = None,
     ):
-        self.key_start, self.key_end = key_start, key_end
         self.num_context, self.context, self.record = num_context, context, record
         self.stream_shape = stream_shape
         self.num_stream = s = 0 if stream_shape is None else stream_shape[0] * stream_shape[1]
