@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 MARKER = "peagle_demo_target.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: batches padded in two length halves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +143,17 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
             order, cursor = torch.randperm(len(encoded), generator=gen), 0
         idx = order[cursor : cursor + settings.batch_size].tolist()
         cursor += settings.batch_size
-        ids, labels = _batch(encoded, idx, pad_id)
-        hidden = model.model(input_ids=ids).last_hidden_state
-        sel = labels != -100
-        logits = model.lm_head(hidden[sel])
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels[sel])
+        # shortest half and longest half padded apart: chats run 10-64 tokens, so one padded batch is
+        # about half padding; two halves cut the padded tokens by ~40 % (same loss: one mean over both)
+        idx.sort(key=lambda i: len(encoded[i][0]))
+        hidden, targets = [], []
+        for half in filter(None, (idx[: len(idx) // 2], idx[len(idx) // 2 :])):
+            ids, labels = _batch(encoded, half, pad_id)
+            sel = labels != -100
+            hidden.append(model.model(input_ids=ids).last_hidden_state[sel])
+            targets.append(labels[sel])
+        logits = model.lm_head(torch.cat(hidden))
+        loss = torch.nn.functional.cross_entropy(logits.float(), torch.cat(targets))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
