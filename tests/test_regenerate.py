@@ -79,11 +79,11 @@ class _Dies(HFEngine):
 
     calls = 0
 
-    def complete(self, requests, sampling):
+    def complete(self, requests, sampling, length_hints=None):
         _Dies.calls += 1
         if _Dies.calls > 2:
             raise KeyboardInterrupt
-        return super().complete(requests, sampling)
+        return super().complete(requests, sampling, length_hints)
 
 
 def test_resume_after_kill_no_duplicates_no_gaps(llama_dir, chats, tmp_path):
@@ -118,3 +118,28 @@ def test_dead_server_is_one_clear_error(chats, tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "no server answered" in out.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_hf_batches_group_turns_of_like_original_length(llama_dir, tmp_path):
+    """A static batch decodes until its longest row ends: the HF engine batches turns by the length of the
+    turn they replace (the likely length of the new one), not by prompt length."""
+    from peagle.eval import tokenize_prompts
+
+    old_lengths = [50, 1, 40, 2, 30, 3]
+    chats = [[{"role": "user", "content": f"count from {i} to {i + 5}"}, {"role": "assistant", "content": "x" * n}]
+             for i, n in enumerate(old_lengths)]
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    engine = HFEngine(llama_dir, batch_size=2)
+    prompts = [tuple(p) for p in tokenize_prompts(engine.tokenizer, [{"messages": m[:1]} for m in chats])]
+    seen, generate = [], engine.target.model.generate
+
+    def recording(input_ids, attention_mask, **kw):
+        seen.append({tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, attention_mask, strict=True)})
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    engine.target.model.generate = recording
+    regenerate(src, tmp_path / "out.jsonl", engine, sampling=Sampling(max_tokens=4), progress=False,
+               log=lambda _: None)
+    by_hint = sorted(range(len(chats)), key=lambda i: old_lengths[i])  # 1, 3, 5, 4, 2, 0
+    assert seen == [{prompts[i] for i in by_hint[k:k + 2]} for k in range(0, len(chats), 2)]

@@ -64,7 +64,9 @@ Request = tuple[list[dict[str, Any]], Any]  # (messages so far, tools)
 
 
 # ------------------------------------------------------------------------------------------------
-# Engines: complete(requests) -> completions, same order
+# Engines: complete(requests, sampling, length_hints) -> completions, same order. length_hints: each turn's
+# original length in characters, an estimate of the new one; only the HF engine's static batches use it
+# (servers and vLLM batch continuously).
 
 
 class ServerEngine:
@@ -131,7 +133,8 @@ class ServerEngine:
         tokens = int((out.get("usage") or {}).get("completion_tokens") or 0)
         return Completion(msg.get("content") or "", choice.get("finish_reason") or "stop", tokens, reasoning)
 
-    def complete(self, requests: Sequence[Request], sampling: Sampling) -> list[Completion]:
+    def complete(self, requests: Sequence[Request], sampling: Sampling,
+                 length_hints: Sequence[int] | None = None) -> list[Completion]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda r: self._one(r, sampling), requests))
 
@@ -150,7 +153,8 @@ class HFEngine:
         self.batch_size = batch_size
         self.concurrency = batch_size
 
-    def complete(self, requests: Sequence[Request], sampling: Sampling) -> list[Completion]:
+    def complete(self, requests: Sequence[Request], sampling: Sampling,
+                 length_hints: Sequence[int] | None = None) -> list[Completion]:
         from .eval import greedy_generate, stop_token_ids, tokenize_prompts
 
         tok = self.tokenizer
@@ -158,7 +162,8 @@ class HFEngine:
         stops = stop_token_ids(self.target, tok)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
         gens = greedy_generate(self.target.model, ids, [sampling.max_tokens] * len(ids), stops, pad,
-                               self.batch_size, temperature=sampling.temperature, top_p=sampling.top_p)
+                               self.batch_size, temperature=sampling.temperature, top_p=sampling.top_p,
+                               length_hints=length_hints)
         out = []
         for g in gens:
             body = g.tokens[:-1] if g.stop_reason == "eos" else g.tokens
@@ -185,7 +190,8 @@ class VLLMEngine:
                        enforce_eager=not torch.cuda.is_available(), seed=0)
         self.concurrency = 256
 
-    def complete(self, requests: Sequence[Request], sampling: Sampling) -> list[Completion]:
+    def complete(self, requests: Sequence[Request], sampling: Sampling,
+                 length_hints: Sequence[int] | None = None) -> list[Completion]:
         from vllm import SamplingParams
 
         sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
@@ -223,6 +229,10 @@ class _Chat:
             self.done.append(m)
             self.pos += 1
         return None
+
+    def length_hint(self) -> int:
+        """Characters of the turn being regenerated (its new length is likely alike)."""
+        return len(self.messages[self.pos].get("content") or "")
 
     def accept(self, c: Completion) -> None:
         old = self.messages[self.pos]
@@ -303,8 +313,9 @@ def regenerate(
                 pending = [(c, r) for c in active if (r := c.next_request()) is not None]
                 if not pending:
                     break
-                for c, comp in zip([c for c, _ in pending],
-                                   engine.complete([r for _, r in pending], sampling), strict=True):
+                comps = engine.complete([r for _, r in pending], sampling,
+                                        length_hints=[c.length_hint() for c, _ in pending])
+                for c, comp in zip([c for c, _ in pending], comps, strict=True):
                     c.accept(comp)
                 requests += len(pending)
             for c in active:

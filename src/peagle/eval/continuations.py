@@ -63,18 +63,22 @@ class _StopAfterLookahead(StoppingCriteria):
 def greedy_generate(
     model: Any, prompt_ids: Sequence[Sequence[int]], budgets: Sequence[int], stop_ids: Sequence[int], pad_id: int,
     batch_size: int = 8, progress: bool = False, lookahead: int = 0, temperature: float = 0.0, top_p: float = 1.0,
+    length_hints: Sequence[int] | None = None,
 ) -> list[Generation]:
     """Greedy continuations of token-id prompts with HF generate (KV cache, left-padded batches);
     sampled (temperature, top_p) when temperature > 0.
 
-    Prompts of equal budget (max new tokens) are batched, shortest first (least padding). Returns a
+    Prompts of equal budget (max new tokens) are batched, shortest first (least padding); with
+    `length_hints` (an expected length of each continuation) by hint first: a batch decodes until its
+    longest row ends, so rows of like length waste the fewest steps. Returns a
     `Generation` per prompt, in input order. With `lookahead` = n, generation goes on n tokens past each
     continuation's end, ignoring stop ids: the target's tokens that vLLM's verifier compares the last
     round's drafts with (docs/evaluation.md, "What vLLM counts").
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
-    order = sorted(range(len(prompt_ids)), key=lambda i: (budgets[i], len(prompt_ids[i])))
+    hints = length_hints if length_hints is not None else [0] * len(prompt_ids)
+    order = sorted(range(len(prompt_ids)), key=lambda i: (budgets[i], hints[i], len(prompt_ids[i])))
     batches: list[list[int]] = []
     for i in order:
         if batches and len(batches[-1]) < batch_size and budgets[batches[-1][0]] == budgets[i]:
