@@ -116,6 +116,7 @@ class FlexCODAttention:
 # fixed cost dominates the waste) and at most _TILE_PAIRS pairs (the mask's memory). The old fixed
 # chunk of up to 1024 queries spent ~14 products per useful one on the demo's rows of short chats.
 _SMALL_TILE = 1 << 14
+_MAX_WASTE = 2.0  # a tile may hold at most this many pairs per needed one (above _SMALL_TILE)
 _TILE_PAIRS = 1 << 18
 _MAX_CHUNK = 1024
 # Masks are kept for the layers and the backward up to this many bytes per plan, then rebuilt per call.
@@ -150,7 +151,7 @@ def _chunks(start: list[int], end: list[int], own_lo: list[int], own_hi: list[in
             n_a, n_b = (min(a, own_lo[j]), max(b, own_hi[j] + 1)) if owned else (a, b)
             n_useful = useful + max(0, end[j] - start[j] + 1) + own_count[j]
             area = (j + 1 - i) * (max(0, n_hi - n_lo + 1) + max(0, n_b - n_a))
-            if area > tile_pairs or (area > _SMALL_TILE and area > 2 * n_useful):
+            if area > tile_pairs or (area > _SMALL_TILE and area > _MAX_WASTE * n_useful):
                 break
             lo, hi, a, b, useful, j = n_lo, n_hi, n_a, n_b, n_useful, j + 1
         if lo > hi:

@@ -76,7 +76,7 @@ class DemoSettings:
 
 # Sized for the slowest CPU this project runs on (an AVX2-only 2-core EPYC, 90–140 GFLOP/s): 800 steps over
 # 20 000 chats took 16 min there from a fresh clone (AL@4 4.06); 640 over 16 000 fit the 15-min budget
-# (docs/demo.md has the measured figures).
+# (the README has the measured figures).
 FULL = DemoSettings(
     target=TargetSettings(),
     num_chats=16000,
