@@ -111,12 +111,13 @@ def collate(
     pos = torch.zeros((B, max_length), dtype=torch.int64)
     for b, row in enumerate(rows):  # one tensor per field and row (not per example: ~70 examples a row)
         exs = [examples[int(i)] for i in row]
-        lengths = torch.tensor([len(_field(ex, "input_ids")) for ex in exs], dtype=torch.int64)
+        tokens, masks = [_field(ex, "input_ids") for ex in exs], [_field(ex, "loss_mask") for ex in exs]
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.int64)
         n = int(lengths.sum())
         if n > max_length:
             raise ValueError(f"row {b} overflows max_length {max_length}")
-        ids[b, :n] = torch.tensor(list(chain.from_iterable(_field(ex, "input_ids") for ex in exs)), dtype=torch.int64)
-        mask[b, :n] = torch.tensor(list(chain.from_iterable(_field(ex, "loss_mask") for ex in exs))).bool()
+        ids[b, :n] = torch.tensor(list(chain.from_iterable(tokens)), dtype=torch.int64)
+        mask[b, :n] = torch.tensor(list(chain.from_iterable(masks))).bool()
         docs[b, :n] = torch.arange(len(row)).repeat_interleave(lengths)
         exi[b, :n] = torch.tensor([int(i) for i in row], dtype=torch.int64).repeat_interleave(lengths)
         pos[b, :n] = torch.arange(n) - (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
