@@ -40,12 +40,27 @@ def test_documents_and_padding_isolate():
     assert sorted(torch.nonzero(m[7]).squeeze(1).tolist()) == [3, 7]
 
 
-class _SdpaTiles:
-    """`_TileAttention`'s interface, routed to the any-device per-chunk SDPA path."""
+class _PlainTiles:
+    """`_TileAttention`'s interface, routed to the any-device plain-ops path."""
 
     @staticmethod
     def apply(*args):
-        return mask_mod._sdpa_tiles(*args)
+        return mask_mod._plain_tiles(*args)
+
+
+def _group_chains(m, width, generator):
+    """COD-shaped chains over m queries: random groups of 1..width queries in random places (query c
+    of a group sees the group's columns 0..c, itself last); a quarter of the queries in no group."""
+    chain = torch.full((m, width), -1)
+    perm = torch.randperm(m, generator=generator).tolist()
+    i = m // 4
+    while i < m:
+        size = int(torch.randint(1, width + 1, (), generator=generator))
+        members = perm[i:i + size]
+        for c, e in enumerate(members):
+            chain[e, : c + 1] = torch.tensor(members[: c + 1])
+        i += size
+    return chain
 
 
 def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
@@ -66,27 +81,25 @@ def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
 
 @pytest.mark.parametrize("tile_pairs", [16, 1 << 22])
 @pytest.mark.parametrize("with_chain", [False, True])
-@pytest.mark.parametrize("kernel", ["cpu-flash", "sdpa"])
+@pytest.mark.parametrize("kernel", ["cpu-flash", "plain"])
 def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, kernel, monkeypatch):
-    """Both implementations (the CPU flash ops with a custom backward; per-chunk SDPA, any device)."""
-    if kernel == "sdpa":
-        monkeypatch.setattr(mask_mod, "_TileAttention", _SdpaTiles)
+    """Both implementations (the CPU flash ops with a custom backward; plain ops, any device)."""
+    if kernel == "plain":
+        monkeypatch.setattr(mask_mod, "_TileAttention", _PlainTiles)
     torch.manual_seed(0)
     mq, nk, hq, hkv, d = 37, 23, 4, 2, 8
     q = torch.randn(mq, hq, d, dtype=torch.float64, requires_grad=True)
     tensors = [torch.randn(n, hkv, d, dtype=torch.float64, requires_grad=True) for n in (nk, nk, mq, mq)]
     start = torch.randint(0, nk, (mq,))
     end = torch.minimum(start + torch.randint(0, 8, (mq,)), torch.tensor(nk - 1))
-    end[::7] = start[::7] - 1  # some empty ranges
-    chain = torch.full((mq, 3), -1)
-    if with_chain:  # up to 3 own keys each, anywhere among the queries; some queries see only their chain
-        chain = torch.where(torch.rand(mq, 3) < 0.6, torch.randint(0, mq, (mq, 3)), -1)
-        chain[1::7, 0] = 1
+    end[::7] = start[::7] - 1  # some empty ranges: with a chain such a query sees only it, else nothing
+    chain = _group_chains(mq, 3, torch.Generator().manual_seed(1)) if with_chain else torch.full((mq, 3), -1)
     plan = TilePlan(start, end, chain if with_chain else None, tile_pairs=tile_pairs)
     own = tensors[2:] if with_chain else (None, None)
     out = tile_attention(q, tensors[0], tensors[1], plan, *own)
     ref = _dense_tile_reference(q, *tensors, start, end, chain)
     nothing = (start > end) & (chain < 0).all(1)
+    assert nothing.any() and ((start > end) & (chain >= 0).any(1)).any() == with_chain
     assert torch.equal(out[nothing], torch.zeros_like(out[nothing]))
     assert torch.allclose(out, ref, atol=1e-10)
     w = torch.randn_like(out)
@@ -95,6 +108,24 @@ def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, k
     ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
     for g_, r in zip(grads, ref_grads, strict=True):
         assert torch.allclose(g_, r, atol=1e-10)
+
+
+@pytest.mark.parametrize("broken", ["gap", "foreign key", "self missing", "two at one column"])
+def test_tile_plan_refuses_chains_that_are_not_cod_groups(broken):
+    """The own blocks rest on COD's chain shape; a chain of another shape is refused, not mis-computed."""
+    chain = torch.tensor([[0, -1], [0, 1], [2, -1], [2, 3]])
+    if broken == "gap":
+        chain[1] = torch.tensor([-1, 1])
+    elif broken == "foreign key":
+        chain[1] = torch.tensor([2, 1])
+    elif broken == "self missing":
+        chain[3] = torch.tensor([2, 1])
+    else:
+        chain[3] = torch.tensor([0, 3])  # group 0 would hold 1 and 3 at column 1
+    start, end = torch.zeros(4, dtype=torch.long), torch.full((4,), 2)
+    TilePlan(start, end, torch.tensor([[0, -1], [0, 1], [2, -1], [2, 3]]))  # the intact one is fine
+    with pytest.raises(ValueError, match="group's elements by column"):
+        TilePlan(start, end, chain)
 
 
 def _random_layout(draw_lengths, seed, k):

@@ -469,13 +469,12 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        sig = torch.sigmoid(g)
-        act = g * sig
+        act = F.silu(g)
         da = dy @ w_down
         d_down = dy.reshape(-1, dy.shape[-1]).T @ (act * u).reshape(-1, u.shape[-1]) \
             if ctx.needs_input_grad[3] else None
         du = da * act
-        dg = da.mul_(u).mul_(sig.mul_(g.mul(1 - sig).add_(1)))  # silu'(g) = s·(1 + g·(1 − s))
+        dg = torch.ops.aten.silu_backward(da.mul_(u), g)  # ·silu'(g) in one fused pass (5 passes, not 10)
         dx = dg @ w_gate + du @ w_up
         x2 = x.reshape(-1, x.shape[-1])
         d_gate = dg.reshape(-1, dg.shape[-1]).T @ x2 if ctx.needs_input_grad[1] else None

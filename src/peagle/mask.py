@@ -9,10 +9,11 @@ This is what vLLM's parallel-drafting runtime shows a mask slot (docs/convention
 2. `cod_block_mask` + `FlexCODAttention`: FlexAttention for CUDA (compiled, dynamic shapes).
 3. `CODAttention`: the structured path that trains anywhere, CPU included. A query's visible keys
    are a contiguous range of the depth-0 stream ([document start, anchor]) plus at most d elements
-   of its own chain. Queries sorted by anchor are cut into chunks; a chunk's keys are its range
-   union plus the window of its own elements that holds the chains, and one fused flash-attention
-   call (forward and backward) computes it under an additive mask (`tile_attention`). No M×M matrix
-   and no score tile is stored; chunks are sized so that at least half of every tile is needed.
+   of its own chain. The range part runs as chunks of queries sorted by anchor, one fused
+   flash-attention call each (forward and backward) under an additive mask; the chain part as small
+   causal blocks of each anchor's group; the two merge by log-sum-exp (`tile_attention`). No M×M
+   matrix and no context score tile is stored; chunks are sized so that at least half of every tile
+   is needed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # A draft layer calls attention(layer_idx, q [M, Hq, hd], k [M, Hkv, hd], v [M, Hkv, hd]) -> [M, Hq, hd].
 Attention = Callable[[int, Tensor, Tensor, Tensor], Tensor]
@@ -106,15 +108,19 @@ class FlexCODAttention:
 
 
 # ---------------------------------------------------------------------------------------------
-# Structured path: tile attention through the CPU flash kernel.
+# Structured path: context tiles through the CPU flash kernel, own chains as small exact blocks.
 
 
-# Queries are sorted by range end and cut into chunks; a chunk's keys are the union of its queries'
-# context ranges plus a window of the queries' own elements holding their chains, and one fused flash
-# call (forward, and one backward) computes the chunk under an additive mask. The greedy split keeps
-# every tile at least half made of pairs a query needs (or under _SMALL_TILE pairs, where the call's
-# fixed cost dominates the waste) and at most _TILE_PAIRS pairs (the mask's memory). The old fixed
-# chunk of up to 1024 queries spent ~14 products per useful one on the demo's rows of short chats.
+# A query sees a contiguous range of context keys and the elements of its own chain. The two key sets
+# are computed apart and merged by their log-sum-exps (docs/internals.md, `peagle.mask`):
+# - context: queries sorted by range end are cut into chunks; a chunk's keys are its queries' range
+#   union and one fused flash call (forward, and one backward) computes it under an additive mask. The
+#   greedy split keeps every tile at least 1/_MAX_WASTE made of pairs a query needs (or under
+#   _SMALL_TILE pairs, where the call's fixed cost dominates the waste) and at most _TILE_PAIRS pairs;
+# - own chains: the queries of one anchor are a group of s elements (depths 1..s), query c seeing the
+#   group's columns 0..c. Groups of one size lie side by side in the query order, so each size is one
+#   [groups, s, s] causal block of scores (a few small matmuls), not a window in every context tile
+#   (that window was 16-42 % of the tiles' area for 0.3-1.2 % of the pairs).
 _SMALL_TILE = 1 << 14
 _MAX_WASTE = 2.0  # a tile may hold at most this many pairs per needed one (above _SMALL_TILE)
 _TILE_PAIRS = 1 << 18
@@ -126,93 +132,108 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _chunks(start: list[int], end: list[int], own_lo: list[int], own_hi: list[int], own_count: list[int],
-            tile_pairs: int) -> list[tuple[int, int, int, int, int, int]]:
-    """Split queries (sorted by range end) into chunks (i, j, lo, hi, a, b) whose tiles are mostly useful.
-
-    Queries i..j-1 see context keys within [lo, hi] (lo > hi: none) and own keys within [a, b). A
-    query with nothing visible (empty range, no chain) starts no chunk and is skipped inside one.
-    """
+def _chunks(start: list[int], end: list[int], tile_pairs: int) -> list[tuple[int, int, int, int]]:
+    """Split queries (sorted by range end) into chunks (i, j, lo, hi) whose tiles are mostly useful:
+    queries i..j-1 see context keys within [lo, hi]. A query with an empty range is in no chunk (its
+    context part is empty), so every row of a tile sees at least one key."""
     out = []
     i, n = 0, len(end)
     while i < n:
-        if start[i] > end[i] and not own_count[i]:
+        if start[i] > end[i]:
             i += 1
             continue
-        lo, hi, a, b = start[i], end[i], own_lo[i], own_hi[i] + 1
-        useful = max(0, end[i] - start[i] + 1) + own_count[i]
-        j = i + 1
-        while j < n and j - i < _MAX_CHUNK:
-            ranged, owned = start[j] <= end[j], own_count[j] > 0
-            if not ranged and not owned:  # nothing visible: costs a masked row only
-                j += 1
-                continue
-            n_lo, n_hi = (min(lo, start[j]), max(hi, end[j])) if ranged else (lo, hi)
-            n_a, n_b = (min(a, own_lo[j]), max(b, own_hi[j] + 1)) if owned else (a, b)
-            n_useful = useful + max(0, end[j] - start[j] + 1) + own_count[j]
-            area = (j + 1 - i) * (max(0, n_hi - n_lo + 1) + max(0, n_b - n_a))
+        lo, hi, useful, j = start[i], end[i], end[i] - start[i] + 1, i + 1
+        while j < n and j - i < _MAX_CHUNK and start[j] <= end[j]:
+            n_lo, n_hi = min(lo, start[j]), max(hi, end[j])
+            n_useful = useful + end[j] - start[j] + 1
+            area = (j + 1 - i) * (n_hi - n_lo + 1)
             if area > tile_pairs or (area > _SMALL_TILE and area > _MAX_WASTE * n_useful):
                 break
-            lo, hi, a, b, useful, j = n_lo, n_hi, n_a, n_b, n_useful, j + 1
-        if lo > hi:
-            lo, hi = 0, -1
-        if a >= b:
-            a = b = 0
-        out.append((i, j, lo, hi, a, b))
+            lo, hi, useful, j = n_lo, n_hi, n_useful, j + 1
+        out.append((i, j, lo, hi))
         i = j
     return out
 
 
+def _own_groups(chain: Tensor | None, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per query: its own-chain group's size (0: no own keys), its column in the group, the group id.
+
+    ``chain`` [M, C]: query i's own keys, column j holding the group's element at column j for
+    j <= i's column (itself there) and -1 beyond, as `cod.chains` builds them (column = depth - 1;
+    the group = one anchor's deep elements, prefix-closed). Anything else is refused.
+    """
+    rows = torch.arange(m, device=chain.device if chain is not None else None)
+    if chain is None or chain.shape[1] == 0:
+        return torch.zeros_like(rows), torch.zeros_like(rows), rows
+    valid = chain >= 0
+    count = valid.sum(1)
+    col, has = (count - 1).clamp(min=0), count > 0
+    cols = torch.arange(chain.shape[1], device=chain.device)
+    ok = bool((valid == (cols[None, :] < count[:, None])).all()) and bool((chain < m).all())  # a prefix
+    if ok:
+        group, ref = torch.where(has, chain[:, 0], rows), chain.clamp(min=0)
+        size = torch.zeros_like(rows).index_add_(0, group, has.long())
+        top = torch.zeros_like(rows).scatter_reduce_(0, group, col, "amax")
+        ok = (bool((chain[rows, col] == rows)[has].all())  # the query itself at its column
+              and bool(((group[ref] == group[:, None]) & (col[ref] == cols[None, :]) | ~valid).all())
+              and bool((size == top + 1)[group[has]].all()))  # one element per column
+    if not ok:
+        raise ValueError("chain: each query's own keys must be its group's elements by column, itself "
+                         "last (COD chains: its anchor's elements at depths 1..d)")
+    return torch.where(has, size[group], 0), col, group
+
+
+def _lexsort(*keys: Tensor) -> Tensor:
+    """The order that sorts by keys[0], then keys[1], ... (stable)."""
+    order = torch.arange(keys[0].numel(), device=keys[0].device)
+    for key in reversed(keys):
+        order = order[torch.argsort(key[order], stable=True)]
+    return order
+
+
 class TilePlan:
-    """One forward's query order, chunks and masks, built once and shared by every layer and the backward
-    (the ranges and chains of a COD batch are the same in all layers).
+    """One forward's query order, context chunks, masks and own-chain blocks, built once and shared by
+    every layer and the backward (the ranges and chains of a COD batch are the same in all layers).
 
     Query i sees context keys start[i]..end[i] (inclusive; start > end: none) and, with ``chain``
-    [M, C] (indices into the queries themselves, −1 = none), its own chain's elements.
+    [M, C] (indices into the queries themselves, -1 = none; see `_own_groups`), its own chain.
+    Two orders: ``order`` sorts the queries by range end for the context chunks (one order for all
+    sizes keeps the tiles tight: by size first they held 15 % more pairs at L = 2048); ``own_order``
+    lists the queries with own keys by group size, then group, so each size's groups form one block
+    ``own_blocks`` (s, a, b) of (b - a) / s groups of s queries. ``own_pos``: where ``own_order``'s
+    queries sit in ``order``.
     """
 
     def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int = _TILE_PAIRS):
         m = end.numel()
-        self.order = torch.argsort(end, stable=True)
+        size, col, group = _own_groups(chain, m)
+        self.order = _lexsort((start > end).long(), end)  # empty ranges last: they are in no chunk
         self.inv = torch.empty_like(self.order)
         self.inv[self.order] = torch.arange(m, device=end.device)
         self.start_s, self.end_s = start[self.order], end[self.order]
-        big = torch.iinfo(torch.long).max
-        if chain is not None and chain.shape[1]:
-            ch = chain[self.order]
-            self.own = torch.where(ch >= 0, self.inv[ch.clamp(min=0)], -1)  # sorted positions of chain keys
-            valid = self.own >= 0
-            own_lo, own_hi = torch.where(valid, self.own, big).amin(1).tolist(), self.own.amax(1).tolist()
-            own_count = valid.sum(1)
-        else:
-            self.own, own_lo, own_hi = None, [big] * m, [-1] * m
-            own_count = torch.zeros(m, dtype=torch.long, device=end.device)
-        self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), own_lo, own_hi, own_count.tolist(),
-                              tile_pairs)
-        self.has_own = any(b > a for *_, a, b in self.chunks)
-        covered = torch.zeros(m, dtype=torch.bool, device=end.device)
-        for i, j, *_ in self.chunks:
-            covered[i:j] = True
-        nothing = (self.start_s > self.end_s) & (own_count == 0)
-        self.dead = (nothing | ~covered)[self.inv]  # in the queries' own order: these give 0
+        self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), tile_pairs)
+        own = torch.nonzero(size > 0).squeeze(1)
+        self.own_order = own[_lexsort(size[own], group[own], col[own])]
+        self.own_pos = self.inv[self.own_order]
+        sizes, counts = torch.unique_consecutive(size[self.own_order], return_counts=True)
+        offsets = torch.cumsum(counts, 0) - counts
+        self.own_blocks = [(s, a, a + c) for s, a, c in zip(sizes.tolist(), offsets.tolist(), counts.tolist(),
+                                                            strict=True)]
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
         self._kept = 0
 
+    @property
+    def has_own(self) -> bool:
+        return bool(self.own_blocks)
+
     def mask(self, index: int, dtype: torch.dtype) -> Tensor:
-        """Chunk `index`'s additive mask [c, R + W] (0 visible, −inf not) over its context then own keys.
-        A query that sees nothing sees its first key instead (the kernel stays finite; its output is 0)."""
+        """Chunk `index`'s additive mask [c, R] (0 visible, -inf not) over its context keys."""
         key = (index, dtype)
         if key in self._masks:
             return self._masks[key]
-        i, j, lo, hi, a, b = self.chunks[index]
+        i, j, lo, hi = self.chunks[index]
         pos = torch.arange(lo, hi + 1, device=self.end_s.device)
         vis = (pos[None, :] >= self.start_s[i:j, None]) & (pos[None, :] <= self.end_s[i:j, None])
-        if b > a:
-            rel = self.own[i:j] - a
-            own = torch.zeros(j - i, b - a + 1, dtype=torch.bool, device=vis.device)
-            own.scatter_(1, torch.where(self.own[i:j] >= 0, rel, b - a), True)  # column b - a: the −1 slots
-            vis = torch.cat([vis, own[:, : b - a]], dim=1)
-        vis[:, 0] |= ~vis.any(dim=1)
         mask = torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
         size = mask.numel() * mask.element_size()
         if self._kept + size <= _KEEP_MASK_BYTES:
@@ -220,21 +241,71 @@ class TilePlan:
         return mask
 
 
-def _tile(ctx_keys: Tensor, own_keys: Tensor | None, lo: int, hi: int, a: int, b: int, groups: int) -> Tensor:
-    """One chunk's keys [groups, Hkv, R + W, hd]: the context range then the own window (groups: a
-    stride-0 batch, so each kv head serves its query group without copies)."""
-    tile = ctx_keys[:, lo:hi + 1]
-    if b > a:
-        tile = torch.cat([tile, own_keys[:, a:b]], dim=1)
-    return tile[None].expand(groups, -1, -1, -1)
+def _tile(keys: Tensor, lo: int, hi: int, groups: int) -> Tensor:
+    """One chunk's keys [groups, Hkv, R, hd] (groups: a stride-0 batch, so each kv head serves its
+    query group without copies)."""
+    return keys[None, :, lo:hi + 1].expand(groups, -1, -1, -1)
+
+
+def _by_kv_head(x: Tensor, order: Tensor, hkv: int) -> Tensor:
+    """[M, Hq, hd] -> [G, Hkv, len(order), hd]: the rows `order`, by kv head (G = query heads per kv head)."""
+    _, hq, d = x.shape
+    return x.index_select(0, order).view(order.numel(), hkv, hq // hkv, d).permute(2, 1, 0, 3).contiguous()
+
+
+def _own_scores(q: Tensor, k: Tensor, s: int, scale: float) -> Tensor:
+    """Scores of one own block, q [G, Hkv, n·s, hd] against k [Hkv, n·s, hd]: [G, Hkv, n, s, s], -inf
+    above the diagonal (query c of a group sees the group's columns 0..c)."""
+    g, hkv, ns, d = q.shape
+    scores = torch.matmul(q.reshape(g, hkv, ns // s, s, d), k.reshape(hkv, ns // s, s, d).transpose(-1, -2))
+    later = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    return (scores * scale).masked_fill(later, float("-inf"))
+
+
+def _own_attention(q: Tensor, k: Tensor, v: Tensor, s: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One own block's attention alone: out [G, Hkv, n·s, hd], its lse [G, Hkv, n·s] and the scores."""
+    g, hkv, ns, d = q.shape
+    scores = _own_scores(q, k, s, scale)
+    lse = torch.logsumexp(scores, -1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]), v.reshape(hkv, ns // s, s, d))
+    return out.reshape(g, hkv, ns, d), lse.reshape(g, hkv, ns), scores
+
+
+def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over two disjoint key sets from each one's output and lse (-inf: no keys, output 0).
+    The lses are floored at the dtype's lowest finite value, so no keys on either side gives 0, not
+    NaN, forward and backward."""
+    lowest = torch.finfo(lse_a.dtype).min
+    lse_a, lse_b = lse_a.clamp(min=lowest), lse_b.clamp(min=lowest)
+    lse = torch.logaddexp(lse_a, lse_b)
+    return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None], lse
+
+
+def _own_backward(dout: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scores: Tensor,
+                  s: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one own block given the merged output and lse (the probabilities are the final
+    softmax's, so the context tiles' backward is independent): dq [G, Hkv, n·s, hd], dk, dv [Hkv, n·s, hd]."""
+    g, hkv, ns, d = q.shape
+    shape = (g, hkv, ns // s, s, d)
+    do, o, qs = dout.reshape(shape), out.reshape(shape), q.reshape(shape)
+    ks, vs = k.reshape(shape[1:]), v.reshape(shape[1:])
+    p = torch.exp(scores - lse.reshape(shape[:-1])[..., None])
+    ds = p * (torch.matmul(do, vs.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
+    ds = ds.mul_(scale)
+    dq = torch.matmul(ds, ks).reshape(g, hkv, ns, d)
+    dk = torch.matmul(ds.transpose(-1, -2), qs).sum(0).reshape(hkv, ns, d)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(0).reshape(hkv, ns, d)
+    return dq, dk, dv
 
 
 class _TileAttention(torch.autograd.Function):
-    """Forward and backward of `tile_attention`, chunk by chunk through the CPU flash kernel.
+    """Forward and backward of `tile_attention` on CPU: context chunks through the flash kernel, own
+    blocks by hand, merged by lse.
 
-    Queries are laid out [G, Hkv, M, hd] (G = query heads per kv head as the kernel's batch), sorted
-    by range end, so a chunk is a view; keys [Hkv, n, hd]. Saved: q, k, v, the output and its lse;
-    the key tiles are re-cut in backward. Gradients of the keys are summed over the query groups.
+    Queries are laid out [G, Hkv, M, hd] (G = query heads per kv head as the kernel's batch) in the
+    plan's order, so a chunk or a block is a view; keys [Hkv, n, hd]. Saved: q, k, v, the merged output
+    and lse, the own blocks' scores. Both backwards are given the merged output and lse, which makes
+    each key set's gradient exact on its own (the softmax's D = rowsum(dout * out) is the final one).
     """
 
     @staticmethod
@@ -242,49 +313,61 @@ class _TileAttention(torch.autograd.Function):
         m, hq, d = q.shape
         hkv = k_ctx.shape[1]
         g = hq // hkv
-        qh = q.index_select(0, plan.order).view(m, hkv, g, d).permute(2, 1, 0, 3).contiguous()
+        qh = _by_kv_head(q, plan.order, hkv)
         kc, vc = k_ctx.transpose(0, 1).contiguous(), v_ctx.transpose(0, 1).contiguous()
-        ko = vo = None
-        if plan.has_own:
-            ko = k_own.index_select(0, plan.order).transpose(0, 1).contiguous()
-            vo = v_own.index_select(0, plan.order).transpose(0, 1).contiguous()
         out_h = q.new_zeros(g, hkv, m, d)
-        lse_h = torch.zeros(g, hkv, m, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
-            out, lse = _flash(qh[:, :, i:j], _tile(kc, ko, lo, hi, a, b, g), _tile(vc, vo, lo, hi, a, b, g),
-                              0.0, False, attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale)
+        lse_h = torch.full((g, hkv, m), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                           device=q.device)
+        for index, (i, j, lo, hi) in enumerate(plan.chunks):
+            out, lse = _flash(qh[:, :, i:j], _tile(kc, lo, hi, g), _tile(vc, lo, hi, g), 0.0, False,
+                              attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale)[:2]
             out_h[:, :, i:j], lse_h[:, :, i:j] = out, lse
-        ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h)
+        ko = vo = None
+        scores = []
+        if plan.has_own:  # the own blocks in own_order, merged into the context result in place
+            pos = plan.own_pos
+            qo = qh.index_select(2, pos)
+            ko, vo = _by_kv_head(k_own, plan.own_order, hkv)[0], _by_kv_head(v_own, plan.own_order, hkv)[0]
+            own_out, own_lse = torch.empty_like(qo), lse_h.new_empty(qo.shape[:-1])
+            for s, a, b in plan.own_blocks:
+                own_out[:, :, a:b], own_lse[:, :, a:b], block_scores = _own_attention(
+                    qo[:, :, a:b], ko[:, a:b], vo[:, a:b], s, scale)
+                scores.append(block_scores)
+            out, lse = _merge(out_h.index_select(2, pos), lse_h.index_select(2, pos), own_out, own_lse)
+            out_h.index_copy_(2, pos, out)
+            lse_h.index_copy_(2, pos, lse)
+        ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h, *scores)
         ctx.plan, ctx.scale = plan, scale
         return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        qh, kc, vc, ko, vo, out_h, lse_h = ctx.saved_tensors
+        qh, kc, vc, ko, vo, out_h, lse_h, *scores = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         g, hkv, m, d = qh.shape
-        dout_h = dout.index_select(0, plan.order).view(m, hkv, g, d).permute(2, 1, 0, 3).contiguous()
+        dout_h = _by_kv_head(dout, plan.order, hkv)
         dq_h, dkc, dvc = torch.zeros_like(qh), torch.zeros_like(kc), torch.zeros_like(vc)
-        dko = dvo = None
-        if ko is not None:
-            dko, dvo = torch.zeros_like(ko), torch.zeros_like(vo)
-        for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
+        for index, (i, j, lo, hi) in enumerate(plan.chunks):
             dq, dk, dv = _flash_backward(
-                dout_h[:, :, i:j], qh[:, :, i:j], _tile(kc, ko, lo, hi, a, b, g), _tile(vc, vo, lo, hi, a, b, g),
+                dout_h[:, :, i:j], qh[:, :, i:j], _tile(kc, lo, hi, g), _tile(vc, lo, hi, g),
                 out_h[:, :, i:j], lse_h[:, :, i:j], 0.0, False, attn_mask=plan.mask(index, qh.dtype)[None, None],
                 scale=scale)
             dq_h[:, :, i:j] = dq
-            dk, dv, r = dk.sum(0), dv.sum(0), hi - lo + 1
-            dkc[:, lo:hi + 1] += dk[:, :r]
-            dvc[:, lo:hi + 1] += dv[:, :r]
-            if b > a:
-                dko[:, a:b] += dk[:, r:]
-                dvo[:, a:b] += dv[:, r:]
+            dkc[:, lo:hi + 1] += dk.sum(0)
+            dvc[:, lo:hi + 1] += dv.sum(0)
+        dk_own = dv_own = None
+        if ko is not None:  # every own key is one query's: the blocks' gradients land in place
+            pos = plan.own_pos
+            qo, do, oo, lso = (x.index_select(2, pos) for x in (qh, dout_h, out_h, lse_h))
+            dqo, dko, dvo = torch.empty_like(qo), torch.empty_like(ko), torch.empty_like(vo)
+            for (s, a, b), block_scores in zip(plan.own_blocks, scores, strict=True):
+                dqo[:, :, a:b], dko[:, a:b], dvo[:, a:b] = _own_backward(
+                    do[:, :, a:b], oo[:, :, a:b], qo[:, :, a:b], ko[:, a:b], vo[:, a:b], lso[:, :, a:b],
+                    block_scores, s, scale)
+            dq_h.index_add_(2, pos, dqo)
+            dk_own = dko.new_zeros(m, hkv, d).index_copy_(0, plan.own_order, dko.transpose(0, 1))
+            dv_own = dvo.new_zeros(m, hkv, d).index_copy_(0, plan.own_order, dvo.transpose(0, 1))
         dq = dq_h.permute(2, 1, 0, 3).reshape(m, g * hkv, d).index_select(0, plan.inv)
-        dk_own = dv_own = None  # own keys no tile held get no gradient
-        if dko is not None:  # own keys came in the queries' order, the tiles hold them sorted
-            dk_own = dko.transpose(0, 1).index_select(0, plan.inv)
-            dv_own = dvo.transpose(0, 1).index_select(0, plan.inv)
         return dq, dkc.transpose(0, 1), dvc.transpose(0, 1), dk_own, dv_own, None, None
 
 
@@ -297,34 +380,47 @@ def tile_attention(
 
     q [M, Hq, hd]; k_ctx / v_ctx [n, Hkv, hd]; k_own / v_own [M, Hkv, hd] (the queries' own keys, when
     the plan has chains). Memory beyond q, k, v and the output: one chunk's mask at a time (plus the
-    kept masks) and the flash kernel's blocks; no score matrix is stored.
+    kept masks), the flash kernel's blocks and the own blocks' [s, s] scores; no context score matrix
+    is stored.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type == "cpu":
-        out = _TileAttention.apply(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
-    else:
-        out = _sdpa_tiles(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
-    return out.masked_fill(plan.dead[:, None, None], 0.0)
+        return _TileAttention.apply(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
+    return _plain_tiles(q, k_ctx, v_ctx, k_own, v_own, plan, scale)
 
 
-def _sdpa_tiles(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor | None, v_own: Tensor | None,
-                plan: TilePlan, scale: float) -> Tensor:
-    """The same tiles through the public SDPA with autograd per chunk: any device (CUDA evaluation and
-    sequence partitions; the CPU flash ops behind `_TileAttention` are CPU-only)."""
+def _context_chunk(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """One chunk's attention and lse in plain ops: q [G, Hkv, c, hd], k / v [G, Hkv, R, hd], mask [c, R]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
+    lse = torch.logsumexp(scores, -1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
+
+
+def _plain_tiles(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor | None, v_own: Tensor | None,
+                 plan: TilePlan, scale: float) -> Tensor:
+    """The same chunks and blocks in plain ops with autograd: any device (CUDA sequence partitions and
+    `attention="structured"` there; the CPU flash ops behind `_TileAttention` are CPU-only). Each
+    chunk is recomputed in backward (checkpointed), so memory stays one chunk's scores."""
     m, hq, d = q.shape
-    qs = q.index_select(0, plan.order)
-    heads = lambda x: x.transpose(0, 1)  # noqa: E731 - [n, H, hd] -> [H, n, hd], as `_tile` takes them
-    kc, vc = heads(k_ctx), heads(v_ctx)
-    ko = heads(k_own.index_select(0, plan.order)) if plan.has_own else None
-    vo = heads(v_own.index_select(0, plan.order)) if plan.has_own else None
-    out = q.new_zeros(m, hq, d)  # queries outside every chunk keep 0
-    for index, (i, j, lo, hi, a, b) in enumerate(plan.chunks):
-        tile = F.scaled_dot_product_attention(heads(qs[i:j])[None], _tile(kc, ko, lo, hi, a, b, 1),
-                                              _tile(vc, vo, lo, hi, a, b, 1),
-                                              attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale,
-                                              enable_gqa=hq != k_ctx.shape[1])
-        out[i:j] = tile[0].transpose(0, 1)
-    return out.index_select(0, plan.inv)
+    hkv = k_ctx.shape[1]
+    g = hq // hkv
+    qh = _by_kv_head(q, plan.order, hkv)
+    kc, vc = k_ctx.transpose(0, 1), v_ctx.transpose(0, 1)
+    out_h = q.new_zeros(g, hkv, m, d)
+    lse_h = torch.full((g, hkv, m), float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32),
+                       device=q.device)
+    for index, (i, j, lo, hi) in enumerate(plan.chunks):
+        out_h[:, :, i:j], lse_h[:, :, i:j] = checkpoint(
+            _context_chunk, qh[:, :, i:j], _tile(kc, lo, hi, g), _tile(vc, lo, hi, g), plan.mask(index, q.dtype),
+            scale, use_reentrant=False)
+    if plan.has_own:
+        qo = _by_kv_head(q, plan.own_order, hkv)
+        ko, vo = _by_kv_head(k_own, plan.own_order, hkv)[0], _by_kv_head(v_own, plan.own_order, hkv)[0]
+        own = [_own_attention(qo[:, :, a:b], ko[:, a:b], vo[:, a:b], s, scale)[:2] for s, a, b in plan.own_blocks]
+        own_out = torch.zeros_like(out_h).index_copy(2, plan.own_pos, torch.cat([o for o, _ in own], 2))
+        own_lse = torch.full_like(lse_h, float("-inf")).index_copy(2, plan.own_pos, torch.cat([x for _, x in own], 2))
+        out_h = _merge(out_h, lse_h, own_out, own_lse)[0]
+    return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
 
 class CODAttention:
