@@ -129,25 +129,38 @@ def test_mask_hidden_gradient_only_with_deeper_depths_and_all_layers_learn():
 
 
 def test_deep_slots_carry_mask_token_and_projected_mask_hidden():
+    """The trainer hands the draft the stream rows and the count of mask slots; the draft's shared
+    slot input (layer 0 projects it once) equals spelling every slot out (values and gradients)."""
     batch = make_batch(LAYOUT, seed=6)
     trainer = PEagleTrainer(make_draft())
-    seen = {}
-    original = trainer.draft.forward
+    draft, seen = trainer.draft, {}
+    original = draft.forward
 
-    def spy(ids, hidden, positions, attention):
-        seen.update(ids=ids, hidden=hidden, positions=positions)
-        return original(ids, hidden, positions, attention)
+    def spy(ids, hidden, positions, attention, num_mask_slots=0):
+        seen.update(ids=ids, hidden=hidden, positions=positions, attention=attention, slots=num_mask_slots)
+        return original(ids, hidden, positions, attention, num_mask_slots)
 
-    trainer.draft.forward = spy
+    draft.forward = spy
     trainer(batch)
     n = batch.input_ids.numel()
-    ids, hidden = seen["ids"], seen["hidden"]
-    assert (ids[n:] == trainer.draft.config.mask_token_id).all()
-    assert torch.equal(ids[:n], batch.input_ids.reshape(-1))
-    mask_row = trainer.draft.projected_mask_hidden().reshape(-1)
-    assert torch.allclose(hidden[n:], mask_row.expand_as(hidden[n:]))
-    real = trainer.draft.project_aux(batch.aux_hidden.reshape(n, -1))
-    assert torch.allclose(hidden[:n], real)
+    ids, hidden, positions, slots = seen["ids"], seen["hidden"], seen["positions"], seen["slots"]
+    assert slots == positions.numel() - n > 0
+    assert torch.equal(ids, batch.input_ids.reshape(-1))
+    assert torch.allclose(hidden, draft.project_aux(batch.aux_hidden.reshape(n, -1)))
+    hidden = hidden.detach()
+    shared = original(ids, hidden, positions, seen["attention"], slots)
+    mask_ids, mask_rows = draft.mask_slots(slots)
+    assert (mask_ids == draft.config.mask_token_id).all()
+    assert torch.allclose(mask_rows, draft.projected_mask_hidden().expand_as(mask_rows))
+    spelled = original(torch.cat([ids, mask_ids]), torch.cat([hidden, mask_rows]), positions, seen["attention"])
+    assert torch.allclose(shared, spelled, atol=1e-12)
+    w = torch.randn_like(shared)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad((shared * w).sum(), params, allow_unused=True),
+                    torch.autograd.grad((spelled * w).sum(), params, allow_unused=True), strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-12)
 
 
 def test_structured_and_dense_attention_paths_agree():

@@ -366,7 +366,8 @@ class DraftConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+    """RMSNorm with HF semantics: normalise in fp32 (fp64 stays fp64), cast back to the input dtype,
+    then scale."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -375,7 +376,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype  # HF semantics: normalise in fp32, cast back, then scale (fused kernel)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+        normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(dtype)
 
 
 class Rotary(nn.Module):
@@ -417,6 +419,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def repeat_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """x with its last row standing for n identical rows: [R, ...] -> [R - 1 + n, ...] (n = 0: x)."""
+    if n == 0:
+        return x
+    return torch.cat([x[:-1], x[-1:].expand(n, *x.shape[1:])])
+
+
 class Attention(nn.Module):
     """q/k/v/o projections + RoPE; the attention pattern itself is the caller's `attention` callable."""
 
@@ -431,12 +440,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, attention: AttentionFn
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_idx: int, attention: AttentionFn,
+        shared: int = 0,
     ) -> torch.Tensor:
-        m = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(m, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(m, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(m, self.num_kv_heads, self.head_dim)
+        """x [M, in] (with `shared`: its last row stands for that many identical rows, projected once)."""
+        m = cos.shape[0]
+        q = apply_rotary(repeat_last(self.q_proj(x), shared).view(m, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(repeat_last(self.k_proj(x), shared).view(m, self.num_kv_heads, self.head_dim), cos, sin)
+        v = repeat_last(self.v_proj(x), shared).view(m, self.num_kv_heads, self.head_dim)
         out = attention(layer_idx, q, k, v)  # [M, Hq, hd]
         return self.o_proj(out.reshape(m, self.num_heads * self.head_dim))
 
@@ -485,7 +496,9 @@ class _SwiGLU(torch.autograd.Function):
 class DecoderLayer(nn.Module):
     """Pre-norm Llama layer. Layer 0 is the fused EAGLE-3 first layer: attention input is
     concat(input_layernorm(embedding), hidden_norm(fc output)) of width 2H; its residual is the raw fc
-    output, or hidden_norm(fc output) when `norm_before_residual`."""
+    output, or hidden_norm(fc output) when `norm_before_residual`. Layer 0 takes `shared`: the last
+    input row stands for that many mask slots (identical inputs), so their norms and q/k/v projections
+    run once (the rotary embedding and attention then differ per slot)."""
 
     def __init__(self, config: DraftConfig, layer_idx: int) -> None:
         super().__init__()
@@ -507,14 +520,15 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionFn,
+        shared: int = 0,
     ) -> torch.Tensor:
         if self.first:
             hidden = self.hidden_norm(x)
-            residual = hidden if self.norm_before_residual else x
+            residual = repeat_last(hidden if self.norm_before_residual else x, shared)
             attn_in = torch.cat([self.input_layernorm(emb), hidden], dim=-1)
         else:
             residual, attn_in = x, self.input_layernorm(x)
-        x = residual + self.self_attn(attn_in, cos, sin, self.layer_idx, attention)
+        x = residual + self.self_attn(attn_in, cos, sin, self.layer_idx, attention, shared)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -598,23 +612,32 @@ class PEagleDraft(nn.Module):
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
         attention: AttentionFn,
+        num_mask_slots: int = 0,
     ) -> torch.Tensor:
         """Run all layers over M flat elements; returns h [M, H] before the final norm.
 
-        input_ids [M] (mask_token_id at mask slots), hidden [M, H] already projected (project_aux rows
-        for real slots, projected_mask_hidden() for mask slots), position_ids [M] (= anchor + depth),
-        attention(layer_idx, q [M, Hq, hd], k [M, Hkv, hd], v) -> [M, Hq, hd].
+        input_ids [M - num_mask_slots] (mask_token_id at mask slots given here), hidden [M - num_mask_slots, H]
+        already projected (project_aux rows for real slots, projected_mask_hidden() for mask slots),
+        position_ids [M] (= anchor + depth), attention(layer_idx, q [M, Hq, hd], k [M, Hkv, hd], v) ->
+        [M, Hq, hd]. ``num_mask_slots``: that many mask slots follow the given rows; the draft builds
+        their input (`mask_slots`) once for all of them (training's COD depths >= 1: ~60 % of the rows).
         """
+        if num_mask_slots:
+            slot_ids, slot_hidden = self.mask_slots(1)
+            if hidden.shape[0]:
+                slot_ids = torch.cat([input_ids, slot_ids])
+                slot_hidden = torch.cat([hidden, slot_hidden.to(hidden.dtype)])
+            input_ids, hidden = slot_ids, slot_hidden
         emb = self.embed(input_ids)
         cos, sin = self.rotary_emb(position_ids)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = hidden
         for layer in self.layers:
-            e = emb if layer.first else None
+            e, shared = (emb, num_mask_slots) if layer.first else (None, 0)
             if use_ckpt:
-                x = checkpoint(layer, x, e, cos, sin, attention, use_reentrant=False)
+                x = checkpoint(layer, x, e, cos, sin, attention, shared, use_reentrant=False)
             else:
-                x = layer(x, e, cos, sin, attention)
+                x = layer(x, e, cos, sin, attention, shared)
         return x
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:

@@ -280,8 +280,8 @@ class PEagleTrainer(nn.Module):
             return StepOutput(self._inject_context(unit), StepMetrics.zeros(self.num_depths))
         lay = unit.layout
         deep = torch.arange(lay.num_stream, lay.anchor.numel(), device=lay.anchor.device)
-        ids, hidden, positions = self._assemble(unit.batch, lay, deep, stream=True)
-        h = self.draft(ids, hidden, positions, self._attention(lay))
+        ids, hidden, positions, slots = self._assemble(unit.batch, lay, deep, stream=True)
+        h = self.draft(ids, hidden, positions, self._attention(lay), slots)
         sup = torch.nonzero(lay.supervised).squeeze(1)
         sums = self._loss(unit.batch, lay, h.index_select(0, sup), sup)
         return StepOutput(sums.kl_sum / _normalizer(normalizer, sup.numel()), StepMetrics.from_sums(sums))
@@ -298,21 +298,20 @@ class PEagleTrainer(nn.Module):
                             stream_shape=(lay.num_stream // lay.n, lay.n))
 
     def _assemble(self, batch: Batch, lay: Layout, deep: Tensor | None, stream: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-        """Token ids, projected hidden and positions: the depth-0 stream and/or mask slots `deep`."""
+                  ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The draft's input: token ids and projected hidden of the depth-0 stream (none without it),
+        the positions of every row, and how many mask slots (`deep`) follow (the draft builds them)."""
         draft = self.draft
-        parts_ids, parts_hidden, parts_pos = [], [], []
         if stream:
-            parts_ids.append(lay.input_ids)
-            aux = batch.aux_hidden.reshape(lay.num_stream, -1)
-            parts_hidden.append(draft.project_aux(aux.to(draft.fc.weight.dtype)))
-            parts_pos.append(lay.positions)
-        if deep is not None and deep.numel():
-            ids, hidden = draft.mask_slots(deep.numel())
-            parts_ids.append(ids)
-            parts_hidden.append(hidden)
-            parts_pos.append(lay.positions[lay.anchor[deep]] + lay.depth[deep])
-        return torch.cat(parts_ids), torch.cat(parts_hidden), torch.cat(parts_pos)
+            ids, positions = lay.input_ids, [lay.positions]
+            hidden = draft.project_aux(batch.aux_hidden.reshape(lay.num_stream, -1).to(draft.fc.weight.dtype))
+        else:
+            ids, positions = lay.input_ids[:0], []
+            hidden = torch.empty(0, draft.config.hidden_size, dtype=draft.fc.weight.dtype, device=ids.device)
+        slots = 0 if deep is None else deep.numel()
+        if slots:
+            positions.append(lay.positions[lay.anchor[deep]] + lay.depth[deep])
+        return ids, hidden, torch.cat(positions), slots
 
     def _loss(self, batch: Batch, lay: Layout, hidden: Tensor, elements: Tensor) -> LossSums:
         """KL sums of `elements` (supervised) whose pre-norm draft hidden states are `hidden`."""
@@ -333,7 +332,7 @@ class PEagleTrainer(nn.Module):
         """The depth-0 stream alone: its last hidden state and every layer's (k, v)."""
         n = lay.num_stream
         record: dict = {}
-        ids, hidden, positions = self._assemble(batch, lay, None, stream=True)
+        ids, hidden, positions, _ = self._assemble(batch, lay, None, stream=True)
         attn = CODAttention(lay.key_start[:n], lay.anchor[:n], lay.chain[:n, :0], num_context=n, record=record,
                             stream_shape=(n // lay.n, lay.n))
         return self.draft(ids, hidden, positions, attn), record
@@ -349,10 +348,10 @@ class PEagleTrainer(nn.Module):
         from_stream = charged < lay.num_stream
         rows = [shared.stream_hidden.index_select(0, charged[from_stream])]
         if deep.numel():  # deep elements are all supervised: they are charged[~from_stream], in order
-            ids, hidden, positions = self._assemble(unit.batch, lay, deep, stream=False)
+            ids, hidden, positions, slots = self._assemble(unit.batch, lay, deep, stream=False)
             attn = CODAttention(lay.key_start[deep], lay.anchor[deep],
                                 local_chains(lay.chain[deep], deep, lay.anchor.numel()), context=shared.context)
-            rows.append(self.draft(ids, hidden, positions, attn))
+            rows.append(self.draft(ids, hidden, positions, attn, slots))
         sums = self._loss(unit.batch, lay, torch.cat(rows), torch.cat([charged[from_stream], deep]))
         return StepOutput(sums.kl_sum / _normalizer(normalizer, shared.supervised_count),
                           StepMetrics.from_sums(sums))
