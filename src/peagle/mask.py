@@ -256,8 +256,8 @@ def _by_kv_head(x: Tensor, order: Tensor, hkv: int) -> Tensor:
 def _own_scores(q: Tensor, k: Tensor, s: int, scale: float) -> Tensor:
     """Scores of one own block, q [G, Hkv, n·s, hd] against k [Hkv, n·s, hd]: [G, Hkv, n, s, s], -inf
     above the diagonal (query c of a group sees the group's columns 0..c)."""
-    g, hkv, ns, d = q.shape
-    scores = torch.matmul(q.reshape(g, hkv, ns // s, s, d), k.reshape(hkv, ns // s, s, d).transpose(-1, -2))
+    g, hkv, ns, d = q.shape  # einsum, not a broadcast matmul: it folds G into the rows (2x faster here)
+    scores = torch.einsum("ghnid,hnjd->ghnij", q.reshape(g, hkv, ns // s, s, d), k.reshape(hkv, ns // s, s, d))
     later = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
     return (scores * scale).masked_fill(later, float("-inf"))
 
@@ -267,7 +267,7 @@ def _own_attention(q: Tensor, k: Tensor, v: Tensor, s: int, scale: float) -> tup
     g, hkv, ns, d = q.shape
     scores = _own_scores(q, k, s, scale)
     lse = torch.logsumexp(scores, -1)
-    out = torch.matmul(torch.exp(scores - lse[..., None]), v.reshape(hkv, ns // s, s, d))
+    out = torch.einsum("ghnij,hnjd->ghnid", torch.exp(scores - lse[..., None]), v.reshape(hkv, ns // s, s, d))
     return out.reshape(g, hkv, ns, d), lse.reshape(g, hkv, ns), scores
 
 
@@ -290,11 +290,11 @@ def _own_backward(dout: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ls
     do, o, qs = dout.reshape(shape), out.reshape(shape), q.reshape(shape)
     ks, vs = k.reshape(shape[1:]), v.reshape(shape[1:])
     p = torch.exp(scores - lse.reshape(shape[:-1])[..., None])
-    ds = p * (torch.matmul(do, vs.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
+    ds = p * (torch.einsum("ghnid,hnjd->ghnij", do, vs) - (do * o).sum(-1, keepdim=True))
     ds = ds.mul_(scale)
-    dq = torch.matmul(ds, ks).reshape(g, hkv, ns, d)
-    dk = torch.matmul(ds.transpose(-1, -2), qs).sum(0).reshape(hkv, ns, d)
-    dv = torch.matmul(p.transpose(-1, -2), do).sum(0).reshape(hkv, ns, d)
+    dq = torch.einsum("ghnij,hnjd->ghnid", ds, ks).reshape(g, hkv, ns, d)
+    dk = torch.einsum("ghnij,ghnid->hnjd", ds, qs).reshape(hkv, ns, d)
+    dv = torch.einsum("ghnij,ghnid->hnjd", p, do).reshape(hkv, ns, d)
     return dq, dk, dv
 
 
