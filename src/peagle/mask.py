@@ -118,13 +118,18 @@ class FlexCODAttention:
 #   greedy split keeps every tile at least 1/_MAX_WASTE made of pairs a query needs (or under
 #   _SMALL_TILE pairs, where the call's fixed cost dominates the waste) and at most _TILE_PAIRS pairs;
 # - own chains: the queries of one anchor are a group of s elements (depths 1..s), query c seeing the
-#   group's columns 0..c. Groups of one size lie side by side in the query order, so each size is one
-#   [groups, s, s] causal block of scores (a few small matmuls), not a window in every context tile
-#   (that window was 16-42 % of the tiles' area for 0.3-1.2 % of the pairs).
+#   group's columns 0..c. The groups are laid out in a grid of blocks, each [groups, w] for one width
+#   w (padding slots see only themselves), so all chains are a few [groups, w, w] causal blocks of
+#   scores (small einsums), not a window in every context tile (that window was 16-42 % of the
+#   tiles' area for 0.3-1.2 % of the pairs). Which group sizes share a block (padded to its widest)
+#   is chosen by a cost model: a block's ops cost about as much as _BLOCK_SLOTS padded slots
+#   (measured at L = 2048: a block per size was 6 % faster than one grid with S = 1, 9 % slower with
+#   S = 8, where 8 partitions x 5 sizes x 4 layers of small ops added up).
 _SMALL_TILE = 1 << 14
 _MAX_WASTE = 2.0  # a tile may hold at most this many pairs per needed one (above _SMALL_TILE)
 _TILE_PAIRS = 1 << 18
 _MAX_CHUNK = 1024
+_BLOCK_SLOTS = 340
 # Masks are kept for the layers and the backward up to this many bytes per plan, then rebuilt per call.
 _KEEP_MASK_BYTES = 64 << 20
 
@@ -183,6 +188,41 @@ def _own_groups(chain: Tensor | None, m: int) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(has, size[group], 0), col, group
 
 
+def _own_grid(size: Tensor, col: Tensor, group: Tensor) -> tuple[Tensor, Tensor, list[tuple[int, int, Tensor]]]:
+    """Lay the own groups out in blocks: each query with own keys' slot [M'] (in `size > 0` order), each
+    slot's query [slots] (padding: query 0's index), and the blocks (a, b, visible [groups, w, w]) over
+    slots a..b. Group sizes are split into runs (one block each, padded to the run's widest) that
+    minimise sum(_BLOCK_SLOTS + slots), by dynamic programming over the distinct sizes."""
+    rows = torch.nonzero(size > 0).squeeze(1)
+    _, of_group = torch.unique(group[rows], return_inverse=True)
+    group_size = torch.zeros(int(of_group.max()) + 1, dtype=torch.long, device=size.device)
+    group_size[of_group] = size[rows]
+    widths, counts = (t.tolist() for t in torch.unique(group_size, return_counts=True))
+    best = [(0, -1)]  # best[j]: (cost of the first j sizes, where its last run starts)
+    for j in range(1, len(widths) + 1):
+        best.append(min((best[i][0] + _BLOCK_SLOTS + sum(counts[i:j]) * widths[j - 1], i) for i in range(j)))
+    runs, j = [], len(widths)
+    while j:
+        runs.append((best[j][1], j))
+        j = best[j][1]
+    group_slot = torch.empty_like(group_size)
+    blocks, offset = [], 0
+    cols = torch.arange(max(widths), device=size.device)
+    for i, j in reversed(runs):
+        w = widths[j - 1]
+        members = torch.nonzero((group_size >= widths[i]) & (group_size <= w)).squeeze(1)
+        group_slot[members] = offset + w * torch.arange(members.numel(), device=size.device)
+        real = cols[None, :w] < group_size[members, None]
+        causal, diagonal = cols[None, :w] <= cols[:w, None], cols[None, :w] == cols[:w, None]
+        visible = (causal & real[:, :, None] & real[:, None, :]) | (diagonal & ~real[:, :, None])
+        blocks.append((offset, offset + w * members.numel(), visible))
+        offset += w * members.numel()
+    slots = group_slot[of_group] + col[rows]
+    grid_rows = torch.zeros(offset, dtype=torch.long, device=size.device)
+    grid_rows[slots] = rows
+    return slots, grid_rows, blocks
+
+
 def _lexsort(*keys: Tensor) -> Tensor:
     """The order that sorts by keys[0], then keys[1], ... (stable)."""
     order = torch.arange(keys[0].numel(), device=keys[0].device)
@@ -197,11 +237,11 @@ class TilePlan:
 
     Query i sees context keys start[i]..end[i] (inclusive; start > end: none) and, with ``chain``
     [M, C] (indices into the queries themselves, -1 = none; see `_own_groups`), its own chain.
-    Two orders: ``order`` sorts the queries by range end for the context chunks (one order for all
-    sizes keeps the tiles tight: by size first they held 15 % more pairs at L = 2048); ``own_order``
-    lists the queries with own keys by group size, then group, so each size's groups form one block
-    ``own_blocks`` (s, a, b) of (b - a) / s groups of s queries. ``own_pos``: where ``own_order``'s
-    queries sit in ``order``.
+    ``order`` sorts the queries by range end for the context chunks. The own chains: ``own_rows``
+    (the queries with own keys) sit at ``own_slots`` of a grid of slots (`_own_grid`); ``grid_rows``
+    is each slot's query, ``own_blocks`` (a, b, visible [groups, w, w]) what the slots a..b see (a
+    query its group's columns up to its own; padding only itself). ``*_pos``: the same rows'
+    positions in ``order``.
     """
 
     def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int = _TILE_PAIRS):
@@ -212,19 +252,13 @@ class TilePlan:
         self.inv[self.order] = torch.arange(m, device=end.device)
         self.start_s, self.end_s = start[self.order], end[self.order]
         self.chunks = _chunks(self.start_s.tolist(), self.end_s.tolist(), tile_pairs)
-        own = torch.nonzero(size > 0).squeeze(1)
-        self.own_order = own[_lexsort(size[own], group[own], col[own])]
-        self.own_pos = self.inv[self.own_order]
-        sizes, counts = torch.unique_consecutive(size[self.own_order], return_counts=True)
-        offsets = torch.cumsum(counts, 0) - counts
-        self.own_blocks = [(s, a, a + c) for s, a, c in zip(sizes.tolist(), offsets.tolist(), counts.tolist(),
-                                                            strict=True)]
+        self.own_rows = torch.nonzero(size > 0).squeeze(1)
+        self.has_own = self.own_rows.numel() > 0
+        if self.has_own:
+            self.own_slots, self.grid_rows, self.own_blocks = _own_grid(size, col, group)
+            self.own_pos, self.grid_pos = self.inv[self.own_rows], self.inv[self.grid_rows]
         self._masks: dict[tuple[int, torch.dtype], Tensor] = {}
         self._kept = 0
-
-    @property
-    def has_own(self) -> bool:
-        return bool(self.own_blocks)
 
     def mask(self, index: int, dtype: torch.dtype) -> Tensor:
         """Chunk `index`'s additive mask [c, R] (0 visible, -inf not) over its context keys."""
@@ -253,22 +287,23 @@ def _by_kv_head(x: Tensor, order: Tensor, hkv: int) -> Tensor:
     return x.index_select(0, order).view(order.numel(), hkv, hq // hkv, d).permute(2, 1, 0, 3).contiguous()
 
 
-def _own_scores(q: Tensor, k: Tensor, s: int, scale: float) -> Tensor:
-    """Scores of one own block, q [G, Hkv, n·s, hd] against k [Hkv, n·s, hd]: [G, Hkv, n, s, s], -inf
-    above the diagonal (query c of a group sees the group's columns 0..c)."""
-    g, hkv, ns, d = q.shape  # einsum, not a broadcast matmul: it folds G into the rows (2x faster here)
-    scores = torch.einsum("ghnid,hnjd->ghnij", q.reshape(g, hkv, ns // s, s, d), k.reshape(hkv, ns // s, s, d))
-    later = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    return (scores * scale).masked_fill(later, float("-inf"))
+def _own_scores(q: Tensor, k: Tensor, visible: Tensor, scale: float) -> Tensor:
+    """Scores of the own grid, q [G, Hkv, n·w, hd] against k [Hkv, n·w, hd]: [G, Hkv, n, w, w], -inf
+    where `visible` [n, w, w] is False."""
+    g, hkv, nw, d = q.shape
+    n, w = visible.shape[:2]  # einsum, not a broadcast matmul: it folds G into the rows (2x faster here)
+    scores = torch.einsum("ghnid,hnjd->ghnij", q.reshape(g, hkv, n, w, d), k.reshape(hkv, n, w, d))
+    return (scores * scale).masked_fill(~visible, float("-inf"))
 
 
-def _own_attention(q: Tensor, k: Tensor, v: Tensor, s: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One own block's attention alone: out [G, Hkv, n·s, hd], its lse [G, Hkv, n·s] and the scores."""
-    g, hkv, ns, d = q.shape
-    scores = _own_scores(q, k, s, scale)
+def _own_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The own grid's attention alone: out [G, Hkv, n·w, hd] and its lse [G, Hkv, n·w]."""
+    g, hkv, nw, d = q.shape
+    n, w = visible.shape[:2]
+    scores = _own_scores(q, k, visible, scale)
     lse = torch.logsumexp(scores, -1)
-    out = torch.einsum("ghnij,hnjd->ghnid", torch.exp(scores - lse[..., None]), v.reshape(hkv, ns // s, s, d))
-    return out.reshape(g, hkv, ns, d), lse.reshape(g, hkv, ns), scores
+    out = torch.einsum("ghnij,hnjd->ghnid", torch.exp(scores - lse[..., None]), v.reshape(hkv, n, w, d))
+    return out.reshape(g, hkv, nw, d), lse.reshape(g, hkv, nw)
 
 
 def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,20 +316,22 @@ def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[
     return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None], lse
 
 
-def _own_backward(dout: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scores: Tensor,
-                  s: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one own block given the merged output and lse (the probabilities are the final
-    softmax's, so the context tiles' backward is independent): dq [G, Hkv, n·s, hd], dk, dv [Hkv, n·s, hd]."""
-    g, hkv, ns, d = q.shape
-    shape = (g, hkv, ns // s, s, d)
-    do, o, qs = dout.reshape(shape), out.reshape(shape), q.reshape(shape)
+def _own_backward(dout: Tensor, delta: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, scale: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the own grid from its final probabilities p [G, Hkv, n, w, w] and delta = rowsum(dout
+    · out) [G, Hkv, n·w] of the merged softmax (so the context tiles' backward is independent): dq [G,
+    Hkv, n·w, hd], dk, dv [Hkv, n·w, hd]. Padding slots see only themselves: what they produce lands on
+    padding slots."""
+    g, hkv, nw, d = q.shape
+    n, w = p.shape[2:4]
+    shape = (g, hkv, n, w, d)
+    do, qs = dout.reshape(shape), q.reshape(shape)
     ks, vs = k.reshape(shape[1:]), v.reshape(shape[1:])
-    p = torch.exp(scores - lse.reshape(shape[:-1])[..., None])
-    ds = p * (torch.einsum("ghnid,hnjd->ghnij", do, vs) - (do * o).sum(-1, keepdim=True))
+    ds = p * (torch.einsum("ghnid,hnjd->ghnij", do, vs) - delta.reshape(shape[:-1])[..., None])
     ds = ds.mul_(scale)
-    dq = torch.einsum("ghnij,hnjd->ghnid", ds, ks).reshape(g, hkv, ns, d)
-    dk = torch.einsum("ghnij,ghnid->hnjd", ds, qs).reshape(hkv, ns, d)
-    dv = torch.einsum("ghnij,ghnid->hnjd", p, do).reshape(hkv, ns, d)
+    dq = torch.einsum("ghnij,hnjd->ghnid", ds, ks).reshape(g, hkv, nw, d)
+    dk = torch.einsum("ghnij,ghnid->hnjd", ds, qs).reshape(hkv, nw, d)
+    dv = torch.einsum("ghnij,ghnid->hnjd", p, do).reshape(hkv, nw, d)
     return dq, dk, dv
 
 
@@ -322,27 +359,29 @@ class _TileAttention(torch.autograd.Function):
             out, lse = _flash(qh[:, :, i:j], _tile(kc, lo, hi, g), _tile(vc, lo, hi, g), 0.0, False,
                               attn_mask=plan.mask(index, q.dtype)[None, None], scale=scale)[:2]
             out_h[:, :, i:j], lse_h[:, :, i:j] = out, lse
-        ko = vo = None
-        scores = []
-        if plan.has_own:  # the own blocks in own_order, merged into the context result in place
-            pos = plan.own_pos
-            qo = qh.index_select(2, pos)
-            ko, vo = _by_kv_head(k_own, plan.own_order, hkv)[0], _by_kv_head(v_own, plan.own_order, hkv)[0]
-            own_out, own_lse = torch.empty_like(qo), lse_h.new_empty(qo.shape[:-1])
-            for s, a, b in plan.own_blocks:
-                own_out[:, :, a:b], own_lse[:, :, a:b], block_scores = _own_attention(
-                    qo[:, :, a:b], ko[:, a:b], vo[:, a:b], s, scale)
-                scores.append(block_scores)
-            out, lse = _merge(out_h.index_select(2, pos), lse_h.index_select(2, pos), own_out, own_lse)
-            out_h.index_copy_(2, pos, out)
-            lse_h.index_copy_(2, pos, lse)
-        ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h, *scores)
+        ko, vo, p = None, None, []
+        if plan.has_own:  # the own grid, merged into the context result in place
+            ko, vo = _by_kv_head(k_own, plan.grid_rows, hkv)[0], _by_kv_head(v_own, plan.grid_rows, hkv)[0]
+            qo = qh.index_select(2, plan.grid_pos)
+            scores = [_own_scores(qo[:, :, a:b], ko[:, a:b], visible, scale) for a, b, visible in plan.own_blocks]
+            own_lse = torch.cat([torch.logsumexp(x, -1).reshape(g, hkv, -1) for x in scores], 2)
+            ctx_lse = lse_h.index_select(2, plan.own_pos).clamp(min=torch.finfo(lse_h.dtype).min)
+            lse = torch.logaddexp(ctx_lse, own_lse.index_select(2, plan.own_slots))
+            own_lse.index_copy_(2, plan.own_slots, lse)  # the merged lse at real slots, the own one at padding
+            p = [torch.exp(x - own_lse[:, :, a:b].view(x.shape[:-1])[..., None])
+                 for x, (a, b, _) in zip(scores, plan.own_blocks, strict=True)]
+            own = torch.cat([torch.einsum("ghnij,hnjd->ghnid", x, vo[:, a:b].view(hkv, *x.shape[2:4], d))
+                             .reshape(g, hkv, -1, d) for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)], 2)
+            out = out_h.index_select(2, plan.own_pos) * (ctx_lse - lse).exp()[..., None]
+            out_h.index_copy_(2, plan.own_pos, out + own.index_select(2, plan.own_slots))
+            lse_h.index_copy_(2, plan.own_pos, lse)
+        ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h, *p)
         ctx.plan, ctx.scale = plan, scale
         return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
     @staticmethod
     def backward(ctx, dout):  # noqa: ANN001, ANN205
-        qh, kc, vc, ko, vo, out_h, lse_h, *scores = ctx.saved_tensors
+        qh, kc, vc, ko, vo, out_h, lse_h, *p = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         g, hkv, m, d = qh.shape
         dout_h = _by_kv_head(dout, plan.order, hkv)
@@ -356,17 +395,16 @@ class _TileAttention(torch.autograd.Function):
             dkc[:, lo:hi + 1] += dk.sum(0)
             dvc[:, lo:hi + 1] += dv.sum(0)
         dk_own = dv_own = None
-        if ko is not None:  # every own key is one query's: the blocks' gradients land in place
-            pos = plan.own_pos
-            qo, do, oo, lso = (x.index_select(2, pos) for x in (qh, dout_h, out_h, lse_h))
-            dqo, dko, dvo = torch.empty_like(qo), torch.empty_like(ko), torch.empty_like(vo)
-            for (s, a, b), block_scores in zip(plan.own_blocks, scores, strict=True):
-                dqo[:, :, a:b], dko[:, a:b], dvo[:, a:b] = _own_backward(
-                    do[:, :, a:b], oo[:, :, a:b], qo[:, :, a:b], ko[:, a:b], vo[:, a:b], lso[:, :, a:b],
-                    block_scores, s, scale)
-            dq_h.index_add_(2, pos, dqo)
-            dk_own = dko.new_zeros(m, hkv, d).index_copy_(0, plan.own_order, dko.transpose(0, 1))
-            dv_own = dvo.new_zeros(m, hkv, d).index_copy_(0, plan.own_order, dvo.transpose(0, 1))
+        if ko is not None:  # each own key is one query's: its gradient is its slot's
+            delta = (dout_h * out_h).sum(-1)
+            do, dl, qo = (x.index_select(2, plan.grid_pos) for x in (dout_h, delta, qh))
+            grads = [_own_backward(do[:, :, a:b], dl[:, :, a:b], qo[:, :, a:b], ko[:, a:b], vo[:, a:b], x, scale)
+                     for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)]
+            dq, dk, dv = (torch.cat(t, dim) for t, dim in zip(zip(*grads, strict=True), (2, 1, 1), strict=True))
+            dq_h.index_add_(2, plan.own_pos, dq.index_select(2, plan.own_slots))
+            dk_own, dv_own = (x.new_zeros(m, hkv, d).index_copy_(0, plan.own_rows,
+                                                                 x.index_select(1, plan.own_slots).transpose(0, 1))
+                              for x in (dk, dv))
         dq = dq_h.permute(2, 1, 0, 3).reshape(m, g * hkv, d).index_select(0, plan.inv)
         return dq, dkc.transpose(0, 1), dvc.transpose(0, 1), dk_own, dv_own, None, None
 
@@ -414,11 +452,12 @@ def _plain_tiles(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, k_own: Tensor | None, 
             _context_chunk, qh[:, :, i:j], _tile(kc, lo, hi, g), _tile(vc, lo, hi, g), plan.mask(index, q.dtype),
             scale, use_reentrant=False)
     if plan.has_own:
-        qo = _by_kv_head(q, plan.own_order, hkv)
-        ko, vo = _by_kv_head(k_own, plan.own_order, hkv)[0], _by_kv_head(v_own, plan.own_order, hkv)[0]
-        own = [_own_attention(qo[:, :, a:b], ko[:, a:b], vo[:, a:b], s, scale)[:2] for s, a, b in plan.own_blocks]
-        own_out = torch.zeros_like(out_h).index_copy(2, plan.own_pos, torch.cat([o for o, _ in own], 2))
-        own_lse = torch.full_like(lse_h, float("-inf")).index_copy(2, plan.own_pos, torch.cat([x for _, x in own], 2))
+        qo, ko, vo = (_by_kv_head(x, plan.grid_rows, hkv) for x in (q, k_own, v_own))
+        own = [_own_attention(qo[:, :, a:b], ko[0, :, a:b], vo[0, :, a:b], visible, scale)
+               for a, b, visible in plan.own_blocks]
+        out, lse = torch.cat([o for o, _ in own], 2), torch.cat([x for _, x in own], 2)
+        own_out = torch.zeros_like(out_h).index_copy(2, plan.own_pos, out.index_select(2, plan.own_slots))
+        own_lse = torch.full_like(lse_h, float("-inf")).index_copy(2, plan.own_pos, lse.index_select(2, plan.own_slots))
         out_h = _merge(out_h, lse_h, own_out, own_lse)[0]
     return out_h.permute(2, 1, 0, 3).reshape(m, hq, d).index_select(0, plan.inv)
 
