@@ -82,10 +82,13 @@ def _dense_tile_reference(q, k_ctx, v_ctx, k_own, v_own, start, end, chain):
 @pytest.mark.parametrize("tile_pairs", [16, 1 << 22])
 @pytest.mark.parametrize("with_chain", [False, True])
 @pytest.mark.parametrize("kernel", ["cpu-flash", "plain"])
-def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, kernel, monkeypatch):
-    """Both implementations (the CPU flash ops with a custom backward; plain ops, any device)."""
+@pytest.mark.parametrize("block_slots", [0, 340])
+def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, kernel, block_slots, monkeypatch):
+    """Both implementations (the CPU flash ops with a custom backward; plain ops, any device), with the
+    own groups in one padded block or in a block per size."""
     if kernel == "plain":
         monkeypatch.setattr(mask_mod, "_TileAttention", _PlainTiles)
+    monkeypatch.setattr(mask_mod, "_BLOCK_SLOTS", block_slots)
     torch.manual_seed(0)
     mq, nk, hq, hkv, d = 37, 23, 4, 2, 8
     q = torch.randn(mq, hq, d, dtype=torch.float64, requires_grad=True)
@@ -95,6 +98,10 @@ def test_tile_attention_matches_dense_values_and_grads(tile_pairs, with_chain, k
     end[::7] = start[::7] - 1  # some empty ranges: with a chain such a query sees only it, else nothing
     chain = _group_chains(mq, 3, torch.Generator().manual_seed(1)) if with_chain else torch.full((mq, 3), -1)
     plan = TilePlan(start, end, chain if with_chain else None, tile_pairs=tile_pairs)
+    if with_chain:  # free blocks: one per group size; costly ones: all sizes padded into one
+        counts = (chain >= 0).sum(1)
+        sizes = {int(counts[chain[:, 0] == first].max()) for first in chain[counts > 0, 0].unique()}
+        assert len(sizes) > 1 and len(plan.own_blocks) == (len(sizes) if block_slots == 0 else 1)
     own = tensors[2:] if with_chain else (None, None)
     out = tile_attention(q, tensors[0], tensors[1], plan, *own)
     ref = _dense_tile_reference(q, *tensors, start, end, chain)
