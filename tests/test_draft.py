@@ -575,3 +575,27 @@ def test_mask_slots_are_the_projected_mask_hidden(overrides):
     ids0, hidden0 = model.mask_slots(0, torch.float64)
     assert ids0.shape == (0,) and hidden0.shape == (0, 32) and hidden0.dtype == torch.float64
     assert model.mask_slots(2, torch.float64)[1].dtype == torch.float64
+
+
+def test_rms_norm_node_matches_hf_values_and_gradients():
+    """The one-node RMSNorm (fp32/fp64) against transformers' LlamaRMSNorm: values in fp32, gradients
+    by finite differences in fp64 (gradcheck) and against HF's autograd."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from peagle.draft import RMSNorm, _RMSNorm
+
+    torch.manual_seed(0)
+    ours, hf = RMSNorm(16, 1e-5), LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16))
+        hf.weight.copy_(ours.weight)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    y, ref = ours(x), hf(x)
+    assert torch.allclose(y, ref, atol=1e-6)
+    w = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * w).sum(), [x, ours.weight]),
+                    torch.autograd.grad((ref * w).sum(), [x, hf.weight]), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    x64 = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))

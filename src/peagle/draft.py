@@ -366,8 +366,8 @@ class DraftConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with HF semantics: normalise in fp32 (fp64 stays fp64), cast back to the input dtype,
-    then scale."""
+    """RMSNorm with HF semantics: normalise in fp32, cast back to the input dtype, then scale. fp32 and
+    fp64 inputs (training on CPU) take `_RMSNorm`, the same maths in one autograd node."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -375,9 +375,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype  # HF semantics: normalise in fp32, cast back, then scale (fused kernel)
-        normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(dtype)
+        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        dtype = x.dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight · x · rsqrt(mean(x²) + eps), saving x and the [M, 1] rsqrt only (CPU runs F.rms_norm as
+    pow/mean/rsqrt/mul nodes that also keep x², the normalised x and the product: 2 more [M, H]
+    tensors per norm, 9 norms per step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x * rstd
+        dw = (dy * x_hat).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        g = dy * weight
+        dx = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)).mul_(rstd)
+        return dx, dw, None
 
 
 class Rotary(nn.Module):
