@@ -9,7 +9,7 @@ FLOP floor: the step's exact FLOPs (linear layers + only the (query, key) pairs 
 divided by this machine's measured fp32 matmul rate.
 
     python benchmarks/step.py [--lengths 512 1024 2048 4096] [--partitions 1 4] [--json FILE]
-    python benchmarks/step.py --peer speculators [--lengths 512 1024 2048] [--partitions 1 8] [--json FILE]
+    python benchmarks/step.py --peer speculators [--lengths 512 1024 2048] [--partitions 1 8] [--rounds 2] [--json FILE]
 
 `--json` writes the peer bench schema (`{"peer": "peagle", "runs": [...]}`) for
 `../shared/peer-bench/report.py`.
@@ -246,6 +246,15 @@ def run_peer(args, script: Path, python: Path, L: int) -> tuple[dict, dict | Non
     return run, out.get("config")
 
 
+def faster(a: dict | None, b: dict) -> dict:
+    """Of two runs of the same job, the one with the lower median step (a failed run loses)."""
+    if a is None or "error" in a:
+        return b
+    if "error" in b:
+        return a
+    return b if b["median_step_s"] < a["median_step_s"] else a
+
+
 def config_report(cfg: dict, threads: int) -> list[str]:
     """What the peer's result says it ran, against what it was asked for."""
     out = [f"SHAPE MISMATCH {k}: passed {v}, speculators ran {cfg.get(k)}"
@@ -292,33 +301,37 @@ def main_peer(args, baseline: str) -> None:
           "step = forward (COD sampling included) + backward + clip + AdamW; median over steps 2.. "
           "(peagle keeps step 1 when only 3 steps ran)")
     print(f"order per L: peagle S={args.partitions[0]} and speculators back to back (alternating which goes "
-          "first), then the other peagle runs; every run in its own process\n", flush=True)
+          "first), then the other peagle runs; every run in its own process"
+          + (f"; {args.rounds} rounds, each side's fastest run kept" if args.rounds > 1 else "") + "\n", flush=True)
     runs, peer_runs, peer_cfg, checked = [], [], None, False
     for i, L in enumerate(args.lengths):
         jobs = [("structured", s) for s in args.partitions]
         if baseline != "none" and L <= args.baseline_max_L:
             jobs.append((baseline, 1))
         with_peer = args.peer_max_L is None or L <= args.peer_max_L
-        order = list(jobs)
-        if with_peer:
-            order.insert(1 if i % 2 == 0 else 0, None)
         ours, peer = {}, None
-        for job in order:
-            what = f"speculators {args.peer_attn}" if job is None else f"peagle {job[0]} S={job[1]}"
-            print(f"+ L={L} {what} ...", end="", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            if job is None:
-                peer, cfg = run_peer(args, script, python, L)
-                peer_runs.append(peer)
-                peer_cfg = peer_cfg or cfg
-                if cfg:
-                    for line in config_report(cfg, threads):
-                        if line not in shapes:
-                            shapes.append(line)
-                            print(line)
-            else:
-                ours[job] = run_child(args, L, *job)
-            print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for rnd in range(args.rounds):
+            order = list(jobs)
+            if with_peer:
+                order.insert(1 if (i + rnd) % 2 == 0 else 0, None)
+            for job in order:
+                what = f"speculators {args.peer_attn}" if job is None else f"peagle {job[0]} S={job[1]}"
+                print(f"+ L={L} {what} ...", end="", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
+                if job is None:
+                    got, cfg = run_peer(args, script, python, L)
+                    peer = faster(peer, got)
+                    peer_cfg = peer_cfg or cfg
+                    if cfg:
+                        for line in config_report(cfg, threads):
+                            if line not in shapes:
+                                shapes.append(line)
+                                print(line)
+                else:
+                    ours[job] = faster(ours.get(job), run_child(args, L, *job))
+                print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if peer is not None:
+            peer_runs.append(peer)
         pk = peer if peer and "error" not in peer else None
         first = next((r for r in ours.values() if "error" not in r), None)
         if pk and first and not checked:
@@ -389,12 +402,17 @@ def main() -> None:
     p.add_argument("--isa", choices=sorted(ISA_ENV), default=None,
                    help="cap every run's CPU code paths (ATen kernels, MKL, oneDNN) at this ISA, peer included: "
                         "an AVX2-only machine's kernels on this CPU (not its clock or memory)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat every run this many times (alternating the peer's place) and keep each side's "
+                        "fastest: this machine's speed drifts by 10-20 %% within minutes")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.isa and any(os.environ.get(k) != v for k, v in ISA_ENV[args.isa].items()):
         # read by torch / MKL / oneDNN at load: restart with them set (children and the peer inherit them)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[args.isa]})
