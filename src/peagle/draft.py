@@ -646,7 +646,7 @@ class PEagleDraft(nn.Module):
         """
         if num_mask_slots:
             slot_ids, slot_hidden = self.mask_slots(1)
-            if hidden.shape[0]:
+            if hidden.shape[0]:  # without given rows the slot row keeps its own dtype (autocast's)
                 slot_ids = torch.cat([input_ids, slot_ids])
                 slot_hidden = torch.cat([hidden, slot_hidden.to(hidden.dtype)])
             input_ids, hidden = slot_ids, slot_hidden

@@ -160,20 +160,20 @@ def _chunks(start: list[int], end: list[int], tile_pairs: int) -> list[tuple[int
     return out
 
 
-def _own_groups(chain: Tensor | None, m: int) -> tuple[Tensor, Tensor, Tensor]:
+def _own_groups(chain: Tensor | None, m: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Per query: its own-chain group's size (0: no own keys), its column in the group, the group id.
 
     ``chain`` [M, C]: query i's own keys, column j holding the group's element at column j for
     j <= i's column (itself there) and -1 beyond, as `cod.chains` builds them (column = depth - 1;
     the group = one anchor's deep elements, prefix-closed). Anything else is refused.
     """
-    rows = torch.arange(m, device=chain.device if chain is not None else None)
+    rows = torch.arange(m, device=device)
     if chain is None or chain.shape[1] == 0:
         return torch.zeros_like(rows), torch.zeros_like(rows), rows
     valid = chain >= 0
     count = valid.sum(1)
     col, has = (count - 1).clamp(min=0), count > 0
-    cols = torch.arange(chain.shape[1], device=chain.device)
+    cols = torch.arange(chain.shape[1], device=device)
     ok = bool((valid == (cols[None, :] < count[:, None])).all()) and bool((chain < m).all())  # a prefix
     if ok:
         group, ref = torch.where(has, chain[:, 0], rows), chain.clamp(min=0)
@@ -246,7 +246,7 @@ class TilePlan:
 
     def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int = _TILE_PAIRS):
         m = end.numel()
-        size, col, group = _own_groups(chain, m)
+        size, col, group = _own_groups(chain, m, end.device)
         self.order = _lexsort((start > end).long(), end)  # empty ranges last: they are in no chunk
         self.inv = torch.empty_like(self.order)
         self.inv[self.order] = torch.arange(m, device=end.device)
@@ -296,23 +296,30 @@ def _own_scores(q: Tensor, k: Tensor, visible: Tensor, scale: float) -> Tensor:
     return (scores * scale).masked_fill(~visible, float("-inf"))
 
 
+def _own_values(p: Tensor, v: Tensor) -> Tensor:
+    """Probabilities p [G, Hkv, n, w, w] of an own block times its values v [Hkv, n·w, hd]: [G, Hkv, n·w, hd]."""
+    g, hkv, n, w = p.shape[:4]
+    return torch.einsum("ghnij,hnjd->ghnid", p, v.reshape(hkv, n, w, -1)).reshape(g, hkv, n * w, -1)
+
+
 def _own_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The own grid's attention alone: out [G, Hkv, n·w, hd] and its lse [G, Hkv, n·w]."""
-    g, hkv, nw, d = q.shape
-    n, w = visible.shape[:2]
     scores = _own_scores(q, k, visible, scale)
     lse = torch.logsumexp(scores, -1)
-    out = torch.einsum("ghnij,hnjd->ghnid", torch.exp(scores - lse[..., None]), v.reshape(hkv, n, w, d))
-    return out.reshape(g, hkv, nw, d), lse.reshape(g, hkv, nw)
+    return _own_values(torch.exp(scores - lse[..., None]), v), lse.reshape(q.shape[:3])
+
+
+def _merged_lse(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The lse over two disjoint key sets (-inf: no keys), with both parts floored at the dtype's lowest
+    finite value, so no keys on either side gives weights 0, not NaN, forward and backward."""
+    lowest = torch.finfo(lse_a.dtype).min
+    lse_a, lse_b = lse_a.clamp(min=lowest), lse_b.clamp(min=lowest)
+    return lse_a, lse_b, torch.logaddexp(lse_a, lse_b)
 
 
 def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention over two disjoint key sets from each one's output and lse (-inf: no keys, output 0).
-    The lses are floored at the dtype's lowest finite value, so no keys on either side gives 0, not
-    NaN, forward and backward."""
-    lowest = torch.finfo(lse_a.dtype).min
-    lse_a, lse_b = lse_a.clamp(min=lowest), lse_b.clamp(min=lowest)
-    lse = torch.logaddexp(lse_a, lse_b)
+    """Attention over two disjoint key sets from each one's output and lse (no keys: output 0)."""
+    lse_a, lse_b, lse = _merged_lse(lse_a, lse_b)
     return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None], lse
 
 
@@ -340,9 +347,10 @@ class _TileAttention(torch.autograd.Function):
     blocks by hand, merged by lse.
 
     Queries are laid out [G, Hkv, M, hd] (G = query heads per kv head as the kernel's batch) in the
-    plan's order, so a chunk or a block is a view; keys [Hkv, n, hd]. Saved: q, k, v, the merged output
-    and lse, the own blocks' scores. Both backwards are given the merged output and lse, which makes
-    each key set's gradient exact on its own (the softmax's D = rowsum(dout * out) is the final one).
+    plan's order, so a chunk is a view; keys [Hkv, n, hd]. Saved: q, k, v, the own grid's keys and
+    values, the merged output and lse, and the own blocks' final probabilities. Both backwards are
+    given the merged output and lse, which makes each key set's gradient exact on its own (the
+    softmax's D = rowsum(dout * out) is the final one).
     """
 
     @staticmethod
@@ -365,13 +373,11 @@ class _TileAttention(torch.autograd.Function):
             qo = qh.index_select(2, plan.grid_pos)
             scores = [_own_scores(qo[:, :, a:b], ko[:, a:b], visible, scale) for a, b, visible in plan.own_blocks]
             own_lse = torch.cat([torch.logsumexp(x, -1).reshape(g, hkv, -1) for x in scores], 2)
-            ctx_lse = lse_h.index_select(2, plan.own_pos).clamp(min=torch.finfo(lse_h.dtype).min)
-            lse = torch.logaddexp(ctx_lse, own_lse.index_select(2, plan.own_slots))
+            ctx_lse, _, lse = _merged_lse(lse_h.index_select(2, plan.own_pos), own_lse.index_select(2, plan.own_slots))
             own_lse.index_copy_(2, plan.own_slots, lse)  # the merged lse at real slots, the own one at padding
             p = [torch.exp(x - own_lse[:, :, a:b].view(x.shape[:-1])[..., None])
                  for x, (a, b, _) in zip(scores, plan.own_blocks, strict=True)]
-            own = torch.cat([torch.einsum("ghnij,hnjd->ghnid", x, vo[:, a:b].view(hkv, *x.shape[2:4], d))
-                             .reshape(g, hkv, -1, d) for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)], 2)
+            own = torch.cat([_own_values(x, vo[:, a:b]) for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)], 2)
             out = out_h.index_select(2, plan.own_pos) * (ctx_lse - lse).exp()[..., None]
             out_h.index_copy_(2, plan.own_pos, out + own.index_select(2, plan.own_slots))
             lse_h.index_copy_(2, plan.own_pos, lse)
@@ -418,8 +424,8 @@ def tile_attention(
 
     q [M, Hq, hd]; k_ctx / v_ctx [n, Hkv, hd]; k_own / v_own [M, Hkv, hd] (the queries' own keys, when
     the plan has chains). Memory beyond q, k, v and the output: one chunk's mask at a time (plus the
-    kept masks), the flash kernel's blocks and the own blocks' [s, s] scores; no context score matrix
-    is stored.
+    kept masks), the flash kernel's blocks and the own blocks' [w, w] probabilities; no context score
+    matrix is stored.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type == "cpu":
