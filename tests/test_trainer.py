@@ -81,6 +81,22 @@ def test_sequence_partitions_are_exact(segments):
         assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-8), name
 
 
+def test_partitioned_batch_runs_the_stream_forward_once():
+    """S segments read one depth-0 stream forward: the draft sees N stream rows once per batch (not once
+    more in the context unit), and the kept graph is released by the context unit."""
+    batch = make_batch(LAYOUT, seed=1)
+    part = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3, sequence_partitions=3)
+    rows = []
+    handle = part.draft.fc.register_forward_hook(lambda mod, inp, out: rows.append(out.shape[0]))
+    units = list(part.units(batch))
+    for unit in units:
+        part(unit).loss.backward()
+    handle.remove()
+    n = units[0].layout.num_stream  # fc projects the stream's aux states (and each segment's mask row)
+    assert [r for r in rows if r > 1] == [n]
+    assert units[-1].shared.stream is None
+
+
 def test_partitioned_units_touch_only_their_elements():
     batch = make_batch([[(30, 0)]], seed=2)
     part = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3, sequence_partitions=3)

@@ -6,13 +6,15 @@ is sampled over it (`layout`), and the batch runs as the draft forward(s) of its
 (docs/conventions.md, "Sequence partitioning") whose summed losses and gradients equal the flat
 forward's, without redoing the depth-0 stream per segment:
 
-* before the first segment (no grad) the depth-0 stream runs once, keeping every layer's depth-0
-  keys/values and the stream's last hidden state as detached leaf tensors;
+* the first segment unit runs the depth-0 stream once (with grad, its graph kept for the last
+  unit), handing every layer's depth-0 keys/values and the stream's last hidden state to the
+  segments as detached leaf tensors;
 * unit s < S runs only segment s's deeper elements, attending those leaves as context, and charges
   the loss of the segment's supervised elements (depth 0 read from the leaf hidden state); its
   backward accumulates gradients into the parameters and into the leaves;
-* the last unit recomputes the depth-0 stream with grad and injects the leaves' accumulated
-  gradients (a zero-valued surrogate loss), so the depth-0 stream is back-propagated once.
+* the last unit injects the leaves' accumulated gradients into the kept graph (a zero-valued
+  surrogate loss), so the depth-0 stream is run forward once and back-propagated once (keeping its
+  graph rather than recomputing it: docs/internals.md).
 
 The caller runs ``for unit in trainer.units(batch): trainer(unit, normalizer).loss.backward()``. K and
 the mask token are the draft's (``draft.config.num_speculative_tokens``, ``mask_token_id``).
@@ -115,8 +117,9 @@ class Unit:
     """One forward + backward of a batch (a plain object: DDP must not scatter it).
 
     kind "flat": the whole batch; "segment": the depth ≥ 1 elements of one partition segment
-    (``deep``) and the supervised elements it charges (``charged``); "context": the depth-0 stream
-    recomputed with grad, carrying the gradients the segments left on the shared leaves.
+    (``deep``) and the supervised elements it charges (``charged``); "context": the back-propagation of
+    the depth-0 stream (run by the first segment), carrying the gradients the segments left on the
+    shared leaves.
     """
 
     def __init__(self, kind: str, batch: Batch, layout: Layout, shared: _Shared | None = None,
@@ -126,13 +129,15 @@ class Unit:
 
 
 class _Shared:
-    """The depth-0 stream of a partitioned batch, run once without grad (by the first segment unit, so
-    under the caller's autocast): the leaves every segment attends."""
+    """The depth-0 stream of a partitioned batch, run once with grad by the first segment unit (so under
+    the caller's autocast): its outputs detached as the leaves every segment attends, its graph kept
+    for the context unit's backward."""
 
     def __init__(self, supervised_count: int):
         self.supervised_count = supervised_count
         self.context: list[tuple[Tensor, Tensor]] | None = None  # per-layer depth-0 (k, v) leaves
         self.stream_hidden: Tensor | None = None                  # depth-0 last hidden state leaf [N, H]
+        self.stream: tuple[Tensor, dict] | None = None            # the same with their graph
 
 
 class PEagleTrainer(nn.Module):
@@ -340,8 +345,7 @@ class PEagleTrainer(nn.Module):
     def _segment_forward(self, unit: Unit, normalizer: float | Tensor | None) -> StepOutput:
         lay, shared, deep, charged = unit.layout, unit.shared, unit.deep, unit.charged
         if shared.context is None:
-            with torch.no_grad():
-                h, record = self._stream(unit.batch, lay)
+            shared.stream = h, record = self._stream(unit.batch, lay)
             shared.context = [(record[i][0].detach().requires_grad_(), record[i][1].detach().requires_grad_())
                               for i in range(len(record))]
             shared.stream_hidden = h.detach().requires_grad_()
@@ -357,11 +361,11 @@ class PEagleTrainer(nn.Module):
                           StepMetrics.from_sums(sums))
 
     def _inject_context(self, unit: Unit) -> Tensor:
-        """Recompute the depth-0 stream with grad; a zero-valued loss carrying the leaves' gradients."""
+        """A zero-valued loss carrying the leaves' gradients into the depth-0 stream's graph."""
         shared = unit.shared
-        h, record = self._stream(unit.batch, unit.layout)
-        if shared.context is None:  # no segment ran (nothing supervised)
-            return h.sum() * 0.0
+        if shared.stream is None:  # no segment ran (nothing supervised)
+            return self._stream(unit.batch, unit.layout)[0].sum() * 0.0
+        (h, record), shared.stream = shared.stream, None
         terms = [(h * shared.stream_hidden.grad).sum()] if shared.stream_hidden.grad is not None else []
         for layer, (k_leaf, v_leaf) in enumerate(shared.context):
             k, v = record[layer]
