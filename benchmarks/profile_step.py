@@ -4,7 +4,7 @@
     python benchmarks/profile_step.py bench [--length 2048]                        # benchmarks/step.py's step
 
 `demo` builds the run of a finished `make demo` (its train.yaml: prepared data, cached target) and profiles
-`peagle.train.train_step` — target states included, as the demo pays them. `bench` profiles the benchmark
+`peagle.run.train.train_step` — target states included, as the demo pays them. `bench` profiles the benchmark
 draft's step (`benchmarks/step.py`'s shapes). Printed: the top ops by self CPU time, and the share of
 matmuls, attention, elementwise/normalisation, loss, target forward and the rest.
 """
@@ -65,10 +65,10 @@ def _report(prof: profile, steps: int, wall: float) -> None:
 def profile_demo(config: Path, steps: int) -> None:
     import yaml
 
-    from peagle.build import build
-    from peagle.config import config_from_dict
-    from peagle.machine import keep_freed_memory
-    from peagle.train import train_step
+    from peagle.config.training import config_from_dict
+    from peagle.run.build import build
+    from peagle.run.train import train_step
+    from peagle.util.machine import keep_freed_memory
 
     keep_freed_memory()  # as `peagle train` runs
     raw = yaml.safe_load(config.read_text())
@@ -99,7 +99,7 @@ def profile_bench(length: int, steps: int) -> None:
     from step import build as build_case  # noqa: PLC0415 - the benchmark's own case
     from step import make_trainer, step_forwards
 
-    from peagle.machine import keep_freed_memory
+    from peagle.util.machine import keep_freed_memory
 
     keep_freed_memory()  # as `peagle train` runs
     draft, batch = build_case(length, 0)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from peagle.machine import keep_freed_memory, matmul_rate
+from peagle.util.machine import keep_freed_memory, matmul_rate
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, K = 256, 4, 2, 64, 688, 4096, 4, 8
 TARGET_LAYERS, AUX_LAYERS, LOGIT_SCALE, RATIO, RATIO_MIN, LR = 8, (2, 4, 5), 10.0, 0.7, 0.2, 6e-4
@@ -57,7 +57,7 @@ def peak_rss_mib() -> float:
 
 def step_flops(anchor: torch.Tensor, depth: torch.Tensor, supervised: int, docs: torch.Tensor) -> float:
     """Exact FLOPs of forward + backward (3× forward for matmuls) for one COD sample."""
-    from peagle.cod import document_starts
+    from peagle.model.cod import document_starts
 
     m = anchor.numel()
     qkv_in = [2 * HIDDEN] + [HIDDEN] * (LAYERS - 1)

@@ -102,3 +102,21 @@ def build_chat_tokenizer(out_dir, template, specials, *, bos=None, eos=None, pad
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
     return out_dir
+
+
+def full_cod(document_ids, num_depths):
+    """Every chain without subsampling (the reference layout of dense checks): ``(anchor[M], depth[M])``.
+
+    Depth 0 is every position; depth d >= 1 every non-padding anchor a whose position a + d lies in the
+    same document (document runs are contiguous), in `sample_cod`'s block order. Plain Python loops, so
+    it is independent of the tensor code it checks.
+    """
+    import torch
+
+    ids = document_ids.tolist()
+    anchors, depths = list(range(len(ids))), [0] * len(ids)
+    for d in range(1, num_depths):
+        deep = [a for a in range(len(ids) - d) if ids[a] >= 0 and ids[a + d] == ids[a]]
+        anchors += deep
+        depths += [d] * len(deep)
+    return torch.tensor(anchors, dtype=torch.long), torch.tensor(depths, dtype=torch.long)

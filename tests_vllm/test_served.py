@@ -15,10 +15,10 @@ import pytest
 import torch
 from conftest import CASES, NEW_TOKENS, K
 
-from peagle.draft import PEagleDraft
 from peagle.eval import ContinuationSet, compare_with_vllm, draft_token_tables, evaluate
-from peagle.eval.rounds import _rounds_by_k
-from peagle.target import Target
+from peagle.eval.rounds import rounds_by_k
+from peagle.model.draft import PEagleDraft
+from peagle.target.hf import Target
 
 NAMES = [f"{kind}-{'full' if v is None else f'vocab{v}'}" for kind, v in CASES]
 
@@ -36,7 +36,7 @@ def test_vllm_counters_equal_peagle_eval(cases, name):
     target, draft, cs = _offline(case)
     assert len(cs) >= 12
     tables = draft_token_tables(draft, cs, K)
-    rounds = _rounds_by_k(cs, tables, K)
+    rounds = rounds_by_k(cs, tables, K)
     served = compare_with_vllm(cs, rounds, target, case.draft, K, max_context=2048)
     for kk in range(1, K + 1):
         got = served["by_k"][str(kk)]
@@ -61,7 +61,7 @@ def test_useful_count_is_what_vllm_does_not_report(cases):
     for name in NAMES:
         _, draft, cs = _offline(cases[name])
         tables = draft_token_tables(draft, cs, K)
-        served, useful = _rounds_by_k(cs, tables, K), _rounds_by_k(cs, tables, K, useful=True)
+        served, useful = rounds_by_k(cs, tables, K), rounds_by_k(cs, tables, K, useful=True)
         differs += sum(sum(a[K]) != sum(b[K]) for a, b in zip(served, useful, strict=True))
     assert differs > 0
 
@@ -74,13 +74,13 @@ def test_serving_the_export_alone(cases):
 
     from peagle.eval import load_tokenizer as _load_tokenizer
     from peagle.eval import stop_token_ids
-    from peagle.vllm_engine import _read_counters, _shutdown
+    from peagle.target.vllm_engine import _read_counters, _shutdown
 
     case = cases["llama-full"]
     target, draft, cs = _offline(case)
     config = json.loads((case.draft / "config.json").read_text())
     assert config["speculators_config"]["verifier"]["name_or_path"] == str(case.target.resolve())
-    offline = [m for r in _rounds_by_k(cs, draft_token_tables(draft, cs, K), K) for m in r[K]]
+    offline = [m for r in rounds_by_k(cs, draft_token_tables(draft, cs, K), K) for m in r[K]]
     llm = LLM(model=str(case.draft), dtype="float32", max_model_len=2048, enforce_eager=True,
               disable_log_stats=False)
     try:
@@ -135,6 +135,6 @@ def test_evaluate_reports_vllm_counters_by_default(cases):
     target, draft, cs = _offline(case)
     res = evaluate(target, draft, cs, progress=False, print_report=False)
     tables = draft_token_tables(draft, cs, K)
-    served = [m for r in _rounds_by_k(cs, tables, K) for m in r[K]]
+    served = [m for r in rounds_by_k(cs, tables, K) for m in r[K]]
     assert res.overall["num_accepted_tokens"] == sum(served)
     assert res.useful_by_k[K]["num_accepted_tokens"] <= sum(served)

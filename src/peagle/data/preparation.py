@@ -3,11 +3,10 @@
 Reads records (``records``), tokenizes them with the target's template (``templates``), counts tokens
 (supervised ones for the draft vocabulary, all of them for the mask-token check), chooses the draft
 vocabulary and mask token, and writes the directory described in ``prepared`` through
-``peagle.fsutil.atomic_dir``: it appears complete or not at all. The choice is recorded once, in
+``peagle.util.files.atomic_dir``: it appears complete or not at all. The choice is recorded once, in
 ``manifest["draft_vocab"]`` (read back as ``PreparedData.draft_choice``). ``prepare`` runs the stages
 in order: ``_check_arguments`` (before the tokenizer loads), ``_load_tokenizer``, ``_tokenize_sources``,
-``_choose_draft_vocab``, ``_summary`` / ``_manifest``, ``_write`` (~410 lines: the stages and the
-small records that flow between them).
+``_choose_draft_vocab``, ``_summary`` / ``_manifest``, ``_write``.
 """
 
 from __future__ import annotations
@@ -21,10 +20,7 @@ from typing import Any
 
 import torch
 
-from ..fsutil import atomic_dir
-from ..target import TargetError, target_shape
-from ..vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
-from .prepared import (
+from peagle.data.prepared import (
     DATASET_SUBDIR,
     FORMAT,
     MANIFEST,
@@ -33,9 +29,9 @@ from .prepared import (
     sha256_text,
     tokenizer_fingerprint,
 )
-from .records import DataError, Record, RecordError, SplitSpec, read_records
-from .summary import STRATEGY_TEXT, PrepareSummary
-from .templates import (
+from peagle.data.records import DataError, Record, RecordError, SplitSpec, read_records
+from peagle.data.summary import STRATEGY_TEXT, PrepareSummary
+from peagle.data.templates import (
     ChatTokenization,
     TokenizedExample,
     has_generation_blocks,
@@ -43,21 +39,13 @@ from .templates import (
     resolve_chat_template,
     tokenize_chat_examples,
 )
+from peagle.data.vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
+from peagle.util.files import atomic_dir
 
 _ARROW_CHUNK = 1024  # examples per in-memory Arrow chunk while preparing
 ON_ERROR_CHOICES = ("strict", "skip")
 SKIP_HINT = "to skip bad records and list them in the summary, pass --on-error skip"
 
-
-def _target_vocab_size(tokenizer_path: str | Path, tokenizer: Any, trust_remote_code: bool) -> int:
-    """Target embedding rows if a model config sits next to the tokenizer, else len(tokenizer)."""
-    n = len(tokenizer)
-    if (Path(tokenizer_path) / "config.json").exists():
-        try:
-            n = max(n, target_shape(tokenizer_path, trust_remote_code)[0])
-        except TargetError:  # a tokenizer directory whose config.json is no decoder LM's
-            pass
-    return n
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -227,7 +215,7 @@ def _load_tokenizer(req: _Request) -> _Tokenizer:
     """Load the tokenizer and chat template, size the target vocab, and check the vocab arguments."""
     tokenizer = load_tokenizer(req.tokenizer_path, req.trust_remote_code)
     template = resolve_chat_template(tokenizer, load_chat_template(req.chat_template))
-    V = req.vocab_size or _target_vocab_size(req.tokenizer_path, tokenizer, req.trust_remote_code)
+    V = req.vocab_size or len(tokenizer)
     if req.draft_vocab_size is not None and not 1 <= req.draft_vocab_size <= V:
         raise DataError(f"--draft-vocab-size must be in [1, {V}] (the target vocab), got {req.draft_vocab_size}")
     if isinstance(req.mask_token_id, int):
@@ -390,10 +378,12 @@ def prepare(
     counts, bad records, histogram, and under ``draft_vocab`` the draft vocab size — the N most
     frequent supervised tokens, default the full vocab —, coverage and ``mask_token_id``, checked
     against the data) and ``token_counts.safetensors`` (``supervised`` and ``all``: int64
-    [vocab_size] token frequencies). Everything is written through ``fsutil.atomic_dir`` (a hidden
+    [vocab_size] token frequencies). Everything is written through ``peagle.util.files.atomic_dir`` (a hidden
     temp dir renamed into place at the end), so a failed run leaves nothing. ``on_error``:
     ``"strict"`` (a bad record is an error naming file:line) or ``"skip"`` (counted by reason, the
-    first few listed). Raises DataError when no example survives filtering, listing the drop reasons.
+    first few listed). ``vocab_size``: the target's embedding rows (`peagle.target.hf.embedding_rows`;
+    the CLI and the demo pass it), default ``len(tokenizer)`` for a tokenizer alone. Raises DataError
+    when no example survives filtering, listing the drop reasons.
     """
     input_list, out, mask_token_id = _check_arguments(
         inputs, output_dir, max_length=max_length, limit=limit, split=split, mask_token_id=mask_token_id,

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..vocab import DraftVocab, build_draft_vocab
-from .records import DataError
+from peagle.data.records import DataError
+from peagle.data.vocab import DraftVocab, build_draft_vocab
 
 MANIFEST = "manifest.json"
 TOKEN_COUNTS = "token_counts.safetensors"

@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from .chat import ChatFormatError, normalize_message
+from peagle.data.chat import ChatFormatError, normalize_message
 
 OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 OPENAI_ROLE_ALIASES = {"function": "tool"}  # the legacy OpenAI role of a function result

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from .packing import positions_in_document
+from peagle.data.packing import positions_in_document
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .templates import GENERATION_FULL, ONE_RENDERING, PER_TURN
+from peagle.data.templates import GENERATION_FULL, ONE_RENDERING, PER_TURN
 
 __all__ = ["PrepareSummary"]
 

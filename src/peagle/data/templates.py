@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .chat import reasoning_of, template_messages
-from .records import DataError, read_text
+from peagle.data.chat import reasoning_of, template_messages
+from peagle.data.records import DataError, read_text
 
 # Drop reasons (counted in the manifest and the summary).
 NO_ASSISTANT = "no_assistant"

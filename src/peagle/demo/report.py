@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peagle import plots
-from peagle.draft import PEagleDraft
+from peagle.demo.settings import DemoSettings
+from peagle.model.draft import PEagleDraft
+from peagle.util import plots
 
 if TYPE_CHECKING:
-    from peagle.demo.run import DemoSettings
-    from peagle.eval import EvalResult
+    from peagle.eval.report import EvalResult
 
 __all__ = ["DemoResults", "al_table", "fmt", "log_outcome", "prepare_command", "write_report", "write_summary"]
 

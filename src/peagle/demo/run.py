@@ -15,7 +15,6 @@ The pipeline is the one a user runs on a real model, through the same entry poin
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Callable
@@ -24,20 +23,23 @@ from typing import Any
 
 import yaml
 
-from peagle.config import Config, load_config
-from peagle.data import load_prepared, prepare
+from peagle.config.training import Config, load_config
+from peagle.data.preparation import prepare
+from peagle.data.prepared import load_prepared
 from peagle.demo.corpus import generate_corpus, write_jsonl
 from peagle.demo.report import DemoResults, log_outcome, write_report, write_summary
-from peagle.demo.tiny_lm import TargetSettings, default_cache_dir, read_marker, train_demo_target
-from peagle.eval import EvalResult, evaluate, load_draft
-from peagle.export import export_checkpoint
-from peagle.machine import matmul_rate
+from peagle.demo.settings import FULL, QUICK, DemoSettings
+from peagle.demo.tiny_lm import default_cache_dir, read_marker, train_demo_target
+from peagle.eval.report import EvalResult
+from peagle.eval.run import evaluate, load_draft
 from peagle.regenerate import HFEngine, Sampling
 from peagle.regenerate import regenerate as regenerate_chats
-from peagle.rundir import METRICS_FILE
-from peagle.runlog import read_metrics
-from peagle.target import Target
-from peagle.train import train
+from peagle.run.runlog import read_metrics
+from peagle.run.train import train
+from peagle.store.export import export_checkpoint
+from peagle.store.rundir import METRICS_FILE
+from peagle.target.hf import Target, embedding_rows
+from peagle.util.machine import matmul_rate
 
 __all__ = ["DemoError", "DemoSettings", "FULL", "QUICK", "run_demo"]
 
@@ -51,82 +53,6 @@ _OWNED = ("data", "prepared", "run", "draft", "plots", "report.md", "eval.json",
 class DemoError(RuntimeError):
     """A demo stage failed (the message names the stage)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """Sizes of one demo run (the full demo, or the ``--quick`` smoke run)."""
-
-    target: TargetSettings
-    num_chats: int  # training prompts whose responses the target regenerates
-    num_eval_prompts: int  # held-out prompts of the final evaluation
-    num_al_prompts: int  # held-out prompts scored every eval_every steps during training
-    max_new_tokens: int  # generation budget (regeneration and evaluation)
-    regen_batch_size: int
-    max_length: int  # packed row length of training
-    draft_vocab_size: int | None
-    num_layers: int  # draft decoder layers
-    num_depths: int  # K
-    steps: int
-    micro_batch_size: int
-    lr: float
-    warmup_steps: int
-    eval_every: int
-    val_fraction: float
-
-
-# Sized for the slowest CPU this project runs on (an AVX2-only 2-core EPYC, 90–140 GFLOP/s): 800 steps over
-# 20 000 chats took 16 min there from a fresh clone (AL@4 4.06); 640 over 16 000 fit the 15-min budget
-# (the README has the measured figures).
-FULL = DemoSettings(
-    target=TargetSettings(),
-    num_chats=16000,
-    num_eval_prompts=200,
-    num_al_prompts=24,
-    max_new_tokens=96,
-    regen_batch_size=128,
-    max_length=512,
-    draft_vocab_size=None,
-    num_layers=2,
-    num_depths=4,
-    steps=640,
-    micro_batch_size=4,
-    lr=4e-3,
-    warmup_steps=20,
-    eval_every=80,
-    val_fraction=0.02,
-)
-
-QUICK = DemoSettings(
-    target=TargetSettings(
-        num_train=400,
-        num_heldout=12,
-        vocab_size=400,
-        hidden_size=64,
-        num_layers=6,
-        num_heads=2,  # head_dim 32: vLLM's CPU attention needs head_dim >= 32
-        num_kv_heads=2,
-        intermediate_size=128,
-        steps=30,
-        batch_size=16,
-        warmup_steps=5,
-        max_new_tokens=48,
-    ),
-    num_chats=96,
-    num_eval_prompts=12,
-    num_al_prompts=4,
-    max_new_tokens=48,
-    regen_batch_size=48,
-    max_length=256,
-    draft_vocab_size=256,
-    num_layers=1,
-    num_depths=4,
-    steps=6,
-    micro_batch_size=2,
-    lr=2e-3,
-    warmup_steps=1,
-    eval_every=3,
-    val_fraction=0.1,
-)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +135,8 @@ def _regenerate(out: Path, target_dir: Path, train_recs: list[dict], eval_recs: 
 def _prepare(out: Path, target_dir: Path, s: DemoSettings, progress: bool, log: Callable[[str], None]) -> None:
     """What ``peagle prepare`` runs (the command in the report): tokenize and pack the regenerated chats."""
     summary = prepare(out / "data" / "train_chats.jsonl", target_dir, out / "prepared", max_length=s.max_length,
-                      draft_vocab_size=s.draft_vocab_size, progress=progress)
+                      vocab_size=embedding_rows(target_dir), draft_vocab_size=s.draft_vocab_size,
+                      progress=progress)
     log(summary.format_summary())
 
 

@@ -23,7 +23,7 @@ import torch
 
 from peagle.demo.corpus import generate_corpus
 from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
-from peagle.fsutil import atomic_dir
+from peagle.util.files import atomic_dir
 
 __all__ = [
     "MARKER",
@@ -120,7 +120,7 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
     """
     from tqdm.auto import tqdm
 
-    from peagle.optim import lr_factor
+    from peagle.run.optim import lr_factor
 
     gen = torch.Generator().manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -169,9 +169,10 @@ def _train(model, encoded, settings: TargetSettings, pad_id: int, progress: bool
 def generate_answers(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 64, progress: bool = False
 ) -> list[str]:
-    """Greedy answers to single-turn user prompts, through the chat template (``peagle.evaluate``'s
+    """Greedy answers to single-turn user prompts, through the chat template (``peagle.eval``'s
     batched HF generate). Generation stops at the model's eos ids (``<|end|>``), not part of the text."""
-    from peagle.eval import greedy_generate, tokenize_prompts
+    from peagle.eval.continuations import greedy_generate
+    from peagle.eval.prompts import tokenize_prompts
 
     end_ids = model.generation_config.eos_token_id
     end_ids = [end_ids] if isinstance(end_ids, int) else list(end_ids or [])
@@ -219,7 +220,7 @@ def train_demo_target(
     A finished target carries a marker whose hash covers ``settings``; on a match it is returned
     at once. Otherwise the corpus and tokenizer are built, a tiny Llama is trained, its held-out
     exact-match accuracy measured, and the directory is published atomically
-    (:func:`peagle.fsutil.atomic_dir`: temp dir + rename, replacing a stale target only once the new
+    (:func:`peagle.util.files.atomic_dir`: temp dir + rename, replacing a stale target only once the new
     one is complete) so an interrupted run never leaves a half-written target behind.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -30,14 +30,14 @@ user error of every stage.
 
 from __future__ import annotations
 
-from .continuations import ContinuationSet, Generation, greedy_generate
-from .errors import EvalError
-from .literal import check_exact, literal_speculative_decode
-from .prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
-from .report import EvalResult, format_report, write_json, write_plots
-from .rounds import acceptance_metrics, leading_matches, scalar_metrics, simulate_rounds
-from .run import check_outputs, check_verifier, compare_with_vllm, evaluate, load_draft
-from .tables import acceptance_on, draft_token_tables
+from peagle.eval.continuations import ContinuationSet, Generation, greedy_generate
+from peagle.eval.errors import EvalError
+from peagle.eval.literal import check_exact, literal_speculative_decode
+from peagle.eval.prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
+from peagle.eval.report import EvalResult, format_report, write_json, write_plots
+from peagle.eval.rounds import acceptance_metrics, leading_matches, scalar_metrics, simulate_rounds
+from peagle.eval.run import check_outputs, check_verifier, compare_with_vllm, evaluate, load_draft
+from peagle.eval.tables import acceptance_on, draft_token_tables
 
 __all__ = [
     "ContinuationSet",

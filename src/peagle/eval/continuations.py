@@ -19,9 +19,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
-from ..draft import PEagleDraft
-from .errors import EvalError
-from .prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
+from peagle.eval.errors import EvalError
+from peagle.eval.prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
+from peagle.model.draft import PEagleDraft
 
 __all__ = ["ContinuationSet", "Generation", "context_length", "greedy_generate"]
 
@@ -204,7 +204,7 @@ class ContinuationSet:
             raise EvalError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target)
         if chat_template is not None:
-            from ..data import load_chat_template
+            from peagle.data.templates import load_chat_template
 
             chat_template = load_chat_template(chat_template)
         records = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)

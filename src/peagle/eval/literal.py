@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..draft import PEagleDraft
-from .continuations import context_length
-from .prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
-from .tables import _argmax_target_ids, shift_sequence
+from peagle.eval.continuations import context_length
+from peagle.eval.prompts import load_prompts, load_tokenizer, stop_token_ids, tokenize_prompts
+from peagle.eval.tables import argmax_target_ids, shift_sequence
+from peagle.model.draft import PEagleDraft
 
 __all__ = ["check_exact", "literal_speculative_decode"]
 
@@ -84,7 +84,7 @@ def literal_speculative_decode(
             hidden = torch.cat([draft.project_aux(real_aux.to(device=device, dtype=dtype)), mask_rows])
             pos = torch.arange(a + k, device=device)
             h = draft(ids, hidden, pos, _causal_attention)
-            drafts = _argmax_target_ids(draft, h[a:a + k]).tolist()
+            drafts = argmax_target_ids(draft, h[a:a + k]).tolist()
             verify = greedy(tokens + drafts)  # verify[t] = target's token after position t
             m = 0
             while m < k and drafts[m] == verify[a + 1 + m]:
@@ -122,7 +122,7 @@ def check_exact(
     disagreement is printed on stderr, the summary line on stdout.
     """
     tokenizer = load_tokenizer(target)
-    from ..data import load_chat_template
+    from peagle.data.templates import load_chat_template
 
     ids = tokenize_prompts(tokenizer, load_prompts(prompts), load_chat_template(chat_template))
     stops = stop_token_ids(target, tokenizer)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError
+from peagle.eval.errors import EvalError
 
 __all__ = ["load_prompts", "load_tokenizer", "stop_token_ids", "tokenize_prompts"]
 
@@ -67,7 +67,7 @@ def _check_record(obj: Any, where: str) -> dict[str, Any]:
 
 def _chat_messages(record: Mapping[str, Any], where: str) -> tuple[list[dict[str, Any]], Any]:
     """(messages, tools) of a chat record, normalised like training data, trailing answers dropped."""
-    from ..data import normalize_record
+    from peagle.data.records import normalize_record
 
     raw = {k: v for k, v in record.items() if k in ("messages", "conversations", "tools")}
     try:
@@ -94,7 +94,7 @@ def tokenize_prompts(
     - ``{"text": "..."}``: raw text, tokenized with the tokenizer's special tokens (no template);
     - ``{"input_ids": [...]}``: already tokenized (e.g. the prompt of a prepared held-out example), used as is.
     """
-    from ..data import resolve_chat_template
+    from peagle.data.templates import resolve_chat_template
 
     template = chat_template or getattr(tokenizer, "chat_template", None) or None
     if isinstance(template, dict):

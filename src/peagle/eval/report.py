@@ -141,7 +141,7 @@ def format_report(result: EvalResult, max_prompt_rows: int = 20) -> str:
 
 def write_plots(result: EvalResult, out_dir: str | Path) -> dict[str, str]:
     """acceptance_per_position.png, al_vs_k.png, al_histogram.png under out_dir."""
-    from .. import plots
+    from peagle.util import plots
 
     out_dir = Path(out_dir)
     k = result.num_speculative_tokens

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .errors import EvalError
+from peagle.eval.errors import EvalError
 
 if TYPE_CHECKING:
-    from .continuations import ContinuationSet
+    from peagle.eval.continuations import ContinuationSet
 
 __all__ = ["acceptance_metrics", "leading_matches", "scalar_metrics", "simulate_rounds"]
 
@@ -49,7 +49,7 @@ def acceptance_metrics(accepted_counts: Sequence[int], k: int) -> dict[str, Any]
     drafts = len(counts)
     accepted = sum(counts)
     nan = float("nan")
-    per_pos_counts = _per_position_counts(counts, k)
+    per_pos_counts = per_position_counts(counts, k)
     return {
         "num_drafts": drafts,
         "num_draft_tokens": drafts * k,
@@ -60,7 +60,7 @@ def acceptance_metrics(accepted_counts: Sequence[int], k: int) -> dict[str, Any]
     }
 
 
-def _per_position_counts(rounds: Sequence[int], k: int) -> list[int]:
+def per_position_counts(rounds: Sequence[int], k: int) -> list[int]:
     """vLLM's accepted_per_pos: how many drafts had depth i accepted (i.e. at least i + 1 accepted)."""
     return [sum(1 for m in rounds if m >= i + 1) for i in range(k)]
 
@@ -99,7 +99,7 @@ def simulate_rounds(runs: Tensor | Sequence[int], prompt_len: int, seq_len: int,
     return counts
 
 
-def _rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int, *, useful: bool = False
+def rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int, *, useful: bool = False
                  ) -> list[dict[int, list[int]]]:
     """Per prompt, {K': accepted count per round} for K' = 1..K.
 
@@ -122,10 +122,10 @@ def _rounds_by_k(cs: ContinuationSet, tables: list[Tensor], k: int, *, useful: b
     return out
 
 
-def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
+def summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
                useful: list[dict[int, list[int]]] | None = None) -> tuple[dict, dict, list]:
     """(metrics at K, {K': metrics}, per-prompt rows) of a prepared set's rounds."""
-    by_k = _metrics_by_k(rounds, k)
+    by_k = metrics_by_k(rounds, k)
     per_prompt = []
     for j, r in enumerate(rounds):
         met = acceptance_metrics(r[k], k)
@@ -148,7 +148,7 @@ def _summarise(cs: ContinuationSet, rounds: list[dict[int, list[int]]], k: int,
     return by_k[k], by_k, per_prompt
 
 
-def _metrics_by_k(rounds: list[dict[int, list[int]]], k: int) -> dict[int, dict[str, Any]]:
+def metrics_by_k(rounds: list[dict[int, list[int]]], k: int) -> dict[int, dict[str, Any]]:
     """vLLM's metrics for every K' = 1..K over all prompts' rounds."""
     return {kk: acceptance_metrics([m for r in rounds for m in r[kk]], kk) for kk in range(1, k + 1)}
 

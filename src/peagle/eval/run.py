@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from ..draft import PEagleDraft
-from .continuations import ContinuationSet, context_length
-from .errors import EvalError
-from .prompts import load_tokenizer, stop_token_ids
-from .report import EvalResult, format_report, write_json, write_plots
-from .rounds import _metrics_by_k, _per_position_counts, _rounds_by_k, _summarise
-from .tables import draft_token_tables
+from peagle.eval.continuations import ContinuationSet, context_length
+from peagle.eval.errors import EvalError
+from peagle.eval.prompts import load_tokenizer, stop_token_ids
+from peagle.eval.report import EvalResult, format_report, write_json, write_plots
+from peagle.eval.rounds import metrics_by_k, per_position_counts, rounds_by_k, summarise
+from peagle.eval.tables import draft_token_tables
+from peagle.model.draft import PEagleDraft
 
 __all__ = ["check_outputs", "check_verifier", "compare_with_vllm", "evaluate", "load_draft"]
 
@@ -75,13 +75,13 @@ def evaluate(
     timing["generate_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     tables = draft_token_tables(draft, cs, k, progress=progress)
-    useful = _rounds_by_k(cs, tables, k, useful=True)
-    overall, by_k, per_prompt = _summarise(cs, _rounds_by_k(cs, tables, k), k, useful)
+    useful = rounds_by_k(cs, tables, k, useful=True)
+    overall, by_k, per_prompt = summarise(cs, rounds_by_k(cs, tables, k), k, useful)
     timing["score_s"] = time.perf_counter() - t1
-    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=_metrics_by_k(useful, k))
+    result = EvalResult(k, overall, by_k, per_prompt, timing, useful_by_k=metrics_by_k(useful, k))
     if vllm_draft_dir is not None:
         t2 = time.perf_counter()
-        result.vllm = compare_with_vllm(cs, _rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
+        result.vllm = compare_with_vllm(cs, rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
                                         max_context=context_length(target, draft))
         timing["vllm_s"] = time.perf_counter() - t2
     if out_dir is not None:
@@ -97,8 +97,9 @@ def evaluate(
 
 def check_verifier(draft: PEagleDraft, target: Any, tokenizer: Any = None) -> None:
     """Refuse a target the draft was not trained for: width, aux layers, and the recorded fingerprint
-    (shape, tokenizer vocabulary, final-norm weights; `peagle.target.verifier_fingerprint`)."""
-    from ..target import TargetError, resolve_aux_layer_ids, verifier_fingerprint
+    (shape, tokenizer vocabulary, final-norm weights; `peagle.target.hf.verifier_fingerprint`)."""
+    from peagle.model.config import resolve_aux_layer_ids
+    from peagle.target.hf import verifier_fingerprint
 
     cfg = draft.config
     if int(cfg.target_hidden_size) != int(target.hidden_size):
@@ -106,7 +107,7 @@ def check_verifier(draft: PEagleDraft, target: Any, tokenizer: Any = None) -> No
                         f"has {target.hidden_size}: is it the draft of this target?")
     try:
         resolve_aux_layer_ids(cfg.aux_layer_ids, int(target.num_layers))
-    except TargetError as e:
+    except ValueError as e:
         raise EvalError(f"the draft's {e}") from None
     recorded = cfg.verifier_fingerprint
     if not recorded:
@@ -128,7 +129,7 @@ def compare_with_vllm(
     K' disagrees, its prompts are served again one at a time and the ones whose counters differ are listed
     (index, offline vs vLLM drafts and accepted tokens).
     """
-    from ..vllm_engine import served_counters
+    from peagle.target.vllm_engine import served_counters
 
     budgets = [min(cs.max_new_tokens, max_context - len(p)) for p in cs.prompt_ids]
     stops = stop_token_ids(target, load_tokenizer(target))
@@ -142,7 +143,7 @@ def compare_with_vllm(
     for kk, res in served.items():
         offline = [m for r in rounds for m in r[kk]]
         mine = {"num_drafts": len(offline), "num_accepted_tokens": sum(offline),
-                "accepted_per_position": _per_position_counts(offline, kk)}
+                "accepted_per_position": per_position_counts(offline, kk)}
         agrees = all(res[key] == mine[key] for key in mine)
         same_outputs = sum(o == c for o, c in zip(res["outputs"], cs.continuations, strict=True))
         out["by_k"][str(kk)] = {**{key: v for key, v in res.items() if key != "outputs"}, "offline": mine,
@@ -161,8 +162,8 @@ def compare_with_vllm(
 
 def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDraft:
     """An exported draft, a training checkpoint (verified) or a run directory (its newest complete
-    checkpoint): resolved by `peagle.export.find_draft_dir`, as `peagle export` does."""
-    from ..export import ExportError, find_draft_dir
+    checkpoint): resolved by `peagle.store.export.find_draft_dir`, as `peagle export` does."""
+    from peagle.store.export import ExportError, find_draft_dir
 
     try:
         draft_dir = find_draft_dir(path)
@@ -177,7 +178,7 @@ def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDr
 def check_outputs(out_dir: str | Path | None, json_path: str | Path | None) -> None:
     """--out must be a usable directory and --json a usable file path (checked before any work); without
     --json, --out/eval.json must be writable too."""
-    from ..rundir import OutputPathError, check_output_dir, check_output_file
+    from peagle.store.rundir import OutputPathError, check_output_dir, check_output_file
 
     try:
         if out_dir is not None:

@@ -5,7 +5,7 @@ reads only verified tokens, the target's aux states and the fixed mask slots (`P
 never the draft's own guesses. So over the target's greedy continuation, one teacher-forced forward
 with every position as an anchor and all K depths gives, for every anchor, exactly the K tokens vLLM
 proposes there: `draft_token_tables`, [n, K] target ids per prompt (row = anchor, column = depth).
-The depth-0 stream runs once; the mask slots run in chunks of whole chains (`peagle.cod.chains` /
+The depth-0 stream runs once; the mask slots run in chunks of whole chains (`peagle.model.cod.chains` /
 `local_chains`) against its recorded keys and values — exactly the COD mask, so the chunking does not
 change a result. `acceptance_on` scores a draft on a prepared set this way (the training loop's hook).
 
@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..cod import chains, document_starts, local_chains
-from ..draft import PEagleDraft
-from ..mask import CODAttention
-from .continuations import ContinuationSet
-from .errors import EvalError
-from .rounds import _metrics_by_k, _rounds_by_k, _summarise
+from peagle.eval.continuations import ContinuationSet
+from peagle.eval.errors import EvalError
+from peagle.eval.rounds import metrics_by_k, rounds_by_k, summarise
+from peagle.model.cod import chains, document_starts, local_chains
+from peagle.model.draft import PEagleDraft
+from peagle.model.tiled_attention import CODAttention
 
 __all__ = ["acceptance_on", "draft_token_tables", "shift_sequence"]
 
@@ -43,7 +43,7 @@ def shift_sequence(tokens: Sequence[int], aux: Tensor) -> tuple[Tensor, Tensor]:
     return torch.tensor(list(tokens[1:]), dtype=torch.long), aux[:n]
 
 
-def _argmax_target_ids(draft: PEagleDraft, h: Tensor, max_logits: int = 1 << 24) -> Tensor:
+def argmax_target_ids(draft: PEagleDraft, h: Tensor, max_logits: int = 1 << 24) -> Tensor:
     """Greedy draft tokens, mapped to target ids (target = draft id + d2t[draft id])."""
     vd = draft.lm_head.weight.shape[0]
     rows = max(1, max_logits // vd)
@@ -89,7 +89,7 @@ def draft_token_tables(
     """Per prompt, the draft's greedy tokens [n_j, K] (target ids; row = anchor, column = depth).
 
     One teacher-forced forward per group of prompts (packed as separate documents): the depth-0
-    stream (every position, real token + aux) runs once through `peagle.mask.CODAttention`, its
+    stream (every position, real token + aux) runs once through `peagle.model.mask.CODAttention`, its
     per-layer keys/values are kept, and the mask slots (depth ≥ 1, mask token + projected
     mask_hidden, position anchor + depth) of anchors that can be visited by a round (a ≥ P − 1,
     reference inside the output) run in chunks of whole chains against that context — exactly the
@@ -160,7 +160,7 @@ def _score_group(
     visit = (flat >= lo) & (flat <= hi)
     rows = visit.nonzero().squeeze(1)
     if rows.numel():
-        table[rows, 0] = _argmax_target_ids(draft, h0[rows])
+        table[rows, 0] = argmax_target_ids(draft, h0[rows])
     del h0
 
     if k > 1 and rows.numel():
@@ -181,7 +181,7 @@ def _score_group(
             attn = CODAttention(starts[a], a, local_chains(chain[elems], elems, anchor.numel()), context=context)
             slot_ids, slot_hidden = draft.mask_slots(elems.numel(), dtype)
             h = draft(slot_ids, slot_hidden, positions[a] + d, attn)
-            table[a, d] = _argmax_target_ids(draft, h)
+            table[a, d] = argmax_target_ids(draft, h)
     table = table.cpu()
     return [table[o:o + n] for o, n in zip(offsets, sizes, strict=True)]
 
@@ -199,8 +199,8 @@ def acceptance_on(
     k = int(k if k is not None else draft.config.num_speculative_tokens)
     tables = draft_token_tables(draft, continuation_set, k, max_positions=max_positions,
                                 chunk_elements=chunk_elements)
-    overall, by_k, _ = _summarise(continuation_set, _rounds_by_k(continuation_set, tables, k), k)
-    useful = _metrics_by_k(_rounds_by_k(continuation_set, tables, k, useful=True), k)
+    overall, by_k, _ = summarise(continuation_set, rounds_by_k(continuation_set, tables, k), k)
+    useful = metrics_by_k(rounds_by_k(continuation_set, tables, k, useful=True), k)
     return {**overall, "num_speculative_tokens": k,
             "acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in by_k.items()},
             "useful_acceptance_length_by_k": {kk: m["acceptance_length"] for kk, m in useful.items()}}

@@ -1,0 +1,278 @@
+"""Building a training run: every check before heavy work, then what the loop holds (`Run`).
+
+`build(cfg)` checks the config against the output directory, the checkpoint to resume, the dataset
+and the target (cheap checks first: nothing heavy runs on a config that will be refused), then builds
+the data loader, the target (whole, or only its embeddings/norm/lm_head when states come from a
+cache), the draft — whose `DraftConfig`, built from the target's config.json, is the one place that
+validates the mask token, the vocabulary sizes and K —, the trainer (DDP-wrapped under torchrun),
+AdamW and its schedule, and the resumed state (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoTokenizer
+
+from peagle.config.training import Config, ConfigError, config_to_dict
+from peagle.data.prepared import PreparedData, check_dataset_matches_target, load_prepared
+from peagle.data.records import DataError
+from peagle.data.vocab import DraftVocab, check_mask_token
+from peagle.eval.continuations import ContinuationSet
+from peagle.model.config import DraftConfig, resolve_aux_layer_ids
+from peagle.model.draft import PEagleDraft
+from peagle.model.step import PEagleTrainer
+from peagle.run.distributed import Dist, init_distributed, wrap
+from peagle.run.loader import TrainData
+from peagle.run.optim import apply_optim_config, build_optimizer, lr_factor
+from peagle.run.resume import check_resume_vocab, resume_changes
+from peagle.run.runlog import RunLogger
+from peagle.store.checkpoint import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    load_config_dict,
+    resolve_resume,
+    restore_rng,
+)
+from peagle.store.rundir import check_run_dir
+from peagle.target.cache import CachedStates, CacheError
+from peagle.target.hf import Target, TargetError, TargetParts, target_shape, verifier_fingerprint
+
+__all__ = ["Run", "build"]
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: built once by `build`, read by the step, the validator and the saver."""
+
+    cfg: Config
+    d: Dist
+    out: Path
+    data: TrainData
+    draft: PEagleDraft
+    trainer: PEagleTrainer
+    model: nn.Module            # the trainer, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainState
+    total: int
+    source: Any                 # what gives target states: the Target (online) or the CachedStates (offline)
+    target: Any | None          # the Target when acceptance lengths are measured during training
+    al_prompts: list[dict[str, Any]] | None
+    logger: RunLogger
+    autocast_bf16: bool
+    last_saved: int = -1
+    continuations: ContinuationSet | None = None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for p in self.draft.parameters() if p.requires_grad]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+
+    def newest_checkpoint(self) -> Path | None:
+        existing = list_checkpoints(self.out)
+        return existing[-1][1] if existing else None
+
+
+
+
+def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset[str] = frozenset()) -> Run:
+    """Check the config against the dataset, target and checkpoint (cheap checks first), then build the run:
+    data, draft, trainer (DDP-wrapped under torchrun), optimizer, schedule, and the resumed state."""
+    out = Path(cfg.train.output_dir)
+    ckpt, applied = _resume_point(cfg, out, resume, accepted)
+    prepared, vocab_size, num_layers = _load_dataset(cfg)
+    dcfg, vocab = _draft_config(cfg, prepared, vocab_size, num_layers)
+    if ckpt is not None:
+        check_resume_vocab(ckpt, vocab, dcfg.mask_token_id, cfg)
+    cache = _open_cache(cfg, prepared, tuple(dcfg.aux_layer_ids))
+
+    d = init_distributed(cfg.train.device)
+    rows_per_step = d.world * cfg.train.grad_accum * cfg.train.micro_batch_size
+    data = TrainData(cfg, prepared, rows_per_step)
+    al_prompts = (cfg.eval.prompts or data.heldout_prompts(cfg.eval.num_prompts)) if cfg.eval.enabled else None
+    target = _load_target(cfg, d, need_decoder=bool(al_prompts) or cache is None)
+    draft = _build_draft(cfg, dcfg, vocab, target).to(d.device)
+    m = cfg.model
+    trainer = PEagleTrainer(draft, ratio=m.ratio, ratio_min=m.ratio_min, max_anchors=m.max_anchors,
+                            sequence_partitions=m.sequence_partitions,
+                            target_head=target.head(vocab.t2d).to(d.device))
+    if cache is not None and d.device.type == "cpu":
+        cache.dtype = torch.float32  # bf16 on disk; the CPU path trains in fp32
+    total = cfg.train.max_steps or sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
+    optimizer, scheduler = build_optimizer(draft, cfg.optim, total)
+    state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
+    if ckpt is not None:
+        state, next_lr = _restore(ckpt, draft, optimizer, scheduler, cfg, d, rows_per_step, total)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    logger = RunLogger(cfg, out, total, state.step, d.main)
+    if ckpt is not None:
+        _log_resume(logger, cfg, ckpt, state, applied, next_lr, total)
+    return Run(cfg=cfg, d=d, out=out, data=data, draft=draft, trainer=trainer, model=wrap(trainer, d),
+               optimizer=optimizer, scheduler=scheduler, state=state, total=total,
+               source=cache if cache is not None else target, target=target if al_prompts else None,
+               al_prompts=al_prompts, logger=logger, last_saved=state.step if ckpt is not None else -1,
+               autocast_bf16=_dtype(cfg.train.dtype, d.device) == torch.bfloat16)
+
+
+def _resume_point(cfg: Config, out: Path, resume: str | None, accepted: set[str] | frozenset[str]
+                  ) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume (None: a fresh run) and the config changes it applies (refused ones raise)."""
+    ckpt = resolve_resume(resume, out) if resume else None
+    if resume is None and list_checkpoints(out):
+        raise ConfigError(f"train.output_dir {out} already holds checkpoints; pass --resume auto to continue, "
+                          "or choose another output directory")
+    try:
+        check_run_dir(out, has_checkpoints=bool(list_checkpoints(out)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if ckpt is None:
+        if accepted:
+            print("note: --accept-change has no effect: there is no checkpoint to resume (a fresh run)", flush=True)
+        return None, []
+    step = int(json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0))
+    return ckpt, resume_changes(load_config_dict(ckpt), cfg, accepted, ckpt, step)
+
+
+def _restore(ckpt: Path, draft: PEagleDraft, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config, d: Dist, rows_per_step: int, total: int
+             ) -> tuple[TrainState, float]:
+    """Load the checkpoint into the draft/optimizer/RNG, apply this config's optimisation from its step;
+    returns the state and the lr of the next step."""
+    state, rngs = load_checkpoint(ckpt, model=draft, optimizer=optimizer, verify=False)
+    scheduler.load_state_dict(state.scheduler)
+    next_lr = apply_optim_config(optimizer, scheduler, cfg.optim, state.step, total)
+    restore_rng(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
+    if state.rows_per_step != rows_per_step:
+        state.row_in_epoch = (state.row_in_epoch // rows_per_step) * rows_per_step
+    state.rows_per_step, state.world_size = rows_per_step, d.world
+    return state, next_lr
+
+
+def _log_resume(logger: RunLogger, cfg: Config, ckpt: Path, state: TrainState, applied: list[str],
+                next_lr: float | None, total: int) -> None:
+    logger.write(f"resumed from {ckpt} at step {state.step} (epoch {state.epoch})")
+    for change in applied:
+        logger.write(f"config change applied from step {state.step + 1}: {change}")
+    if applied:
+        o = cfg.optim
+        logger.write(f"lr of step {state.step + 1}: {next_lr:.6g} (optim.lr {o.lr:g} × schedule factor "
+                     f"{lr_factor(state.step, total, o.warmup_steps, o.min_lr_ratio):.4g}, {total} steps in all)")
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _load_dataset(cfg: Config) -> tuple[PreparedData, int, int]:
+    """The prepared dataset, checked against this target (vocabulary size, tokenizer, chat template), and
+    the target's (vocab size, layers) read once from its config.json."""
+    try:
+        prepared = load_prepared(cfg.data.dataset)
+        vocab_size, num_layers = target_shape(cfg.model.target, cfg.model.trust_remote_code)
+    except (DataError, TargetError) as e:
+        raise ConfigError(f"{'model.target' if isinstance(e, TargetError) else 'data.dataset'}: {e}") from None
+    prepared_vocab = prepared.manifest.get("vocab_size")
+    if prepared_vocab is not None and int(prepared_vocab) != vocab_size:
+        raise ConfigError(
+            f"data.dataset {cfg.data.dataset} was prepared for a vocabulary of {prepared_vocab} tokens, but "
+            f"model.target {cfg.model.target} has {vocab_size}: prepare it with this target")
+    try:
+        check_dataset_matches_target(prepared.manifest, cfg.model.target, dataset=cfg.data.dataset,
+                                     trust_remote_code=cfg.model.trust_remote_code)
+    except DataError as e:
+        raise ConfigError(f"data.dataset: {e}") from None
+    return prepared, vocab_size, num_layers
+
+
+def _draft_config(cfg: Config, prepared: PreparedData, vocab_size: int, num_layers: int
+                  ) -> tuple[DraftConfig, DraftVocab]:
+    """The draft's config (from the target's config.json alone) and vocabulary: the draft vocab size and
+    mask token recorded by ``peagle prepare`` unless the config overrides them. DraftConfig validates."""
+    m = cfg.model
+    choice = prepared.draft_choice
+    try:
+        aux = resolve_aux_layer_ids(m.aux_layer_ids, num_layers)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    hf_config = AutoConfig.from_pretrained(m.target, trust_remote_code=m.trust_remote_code)
+    size = m.draft_vocab_size or choice.get("draft_vocab_size") or vocab_size
+    mask = m.mask_token_id if m.mask_token_id != "auto" else choice.get("mask_token_id")
+    if mask is None:
+        raise ConfigError(f"model.mask_token_id: auto, but data.dataset {cfg.data.dataset} records no mask "
+                          "token (prepared by an older peagle?): prepare it again, or set an id")
+    try:
+        if m.mask_token_id != "auto":  # an explicit id must never occur in the data
+            check_mask_token(int(mask), vocab_size, prepared.all_counts)
+        dcfg = DraftConfig.from_target(
+            hf_config, mask_token_id=int(mask), num_hidden_layers=m.num_layers, draft_vocab_size=size,
+            norm_before_residual=m.norm_before_residual, norm_before_fc=m.norm_before_fc, fc_norm=m.fc_norm,
+            norm_output=m.norm_output, aux_layer_ids=list(aux), num_speculative_tokens=m.num_depths,
+            verifier_name_or_path=m.target_name or str(Path(m.target).resolve()),  # a path vLLM can open
+        )
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    return dcfg, prepared.draft_vocab(dcfg.draft_vocab_size)
+
+
+def _open_cache(cfg: Config, prepared: PreparedData, aux: tuple[int, ...]) -> CachedStates | None:
+    """The offline state cache (None when online), checked against the dataset and the draft's aux layers."""
+    if cfg.data.cache is None:
+        return None
+    try:
+        cache = CachedStates(cfg.data.cache)
+    except CacheError as e:
+        raise ConfigError(f"data.cache: {e}") from None
+    if len(cache) != len(prepared) or tuple(cache.aux_layer_ids) != aux:
+        raise ConfigError(
+            f"data.cache {cfg.data.cache} was built for another dataset or target ({len(cache)} examples, "
+            f"aux layers {list(cache.aux_layer_ids)}; expected {len(prepared)}, {list(aux)})"
+        )
+    return cache
+
+
+def _load_target(cfg: Config, d: Dist, need_decoder: bool) -> Target | TargetParts:
+    """The whole target, or only its embeddings/norm/lm_head when states come from a cache."""
+    m = cfg.model
+    try:
+        if not need_decoder:
+            return TargetParts(m.target, aux_layer_ids=m.aux_layer_ids, trust_remote_code=m.trust_remote_code,
+                               dtype=_dtype(m.target_dtype, torch.device("cpu")))
+        return Target(m.target, aux_layer_ids=m.aux_layer_ids, device=d.device, trust_remote_code=m.trust_remote_code,
+                      dtype=_dtype(m.target_dtype, d.device))
+    except TargetError as e:
+        raise ConfigError(f"model.target: {e}") from None
+
+
+def _build_draft(cfg: Config, dcfg: DraftConfig, vocab: DraftVocab, target: Target | TargetParts) -> PEagleDraft:
+    """The draft (seeded), its vocabulary mapping and its initialisation from the target."""
+    m = cfg.model
+    dcfg.verifier_fingerprint = verifier_fingerprint(
+        target, AutoTokenizer.from_pretrained(m.target, trust_remote_code=m.trust_remote_code))
+    torch.manual_seed(cfg.train.seed)
+    draft = PEagleDraft(dcfg)
+    draft.set_vocab_mapping(vocab.d2t, vocab.t2d)
+    if m.init_embed_from_target:
+        draft.init_embed_tokens_from_target(target.embed_weight.float().cpu())
+    if m.init_lm_head_from_target:
+        draft.init_lm_head_from_target(target.lm_head_weight.float().cpu())
+    if m.freeze_lm_head:
+        draft.freeze_lm_head()
+    draft.gradient_checkpointing = m.activation_checkpointing
+    return draft
