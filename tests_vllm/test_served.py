@@ -74,7 +74,7 @@ def test_serving_the_export_alone(cases):
 
     from peagle.eval import load_tokenizer as _load_tokenizer
     from peagle.eval import stop_token_ids
-    from peagle.target.vllm_engine import _read_counters, _shutdown
+    from peagle.target.vllm_engine import read_counters, shutdown
 
     case = cases["llama-full"]
     target, draft, cs = _offline(case)
@@ -87,9 +87,9 @@ def test_serving_the_export_alone(cases):
         stops = stop_token_ids(target, _load_tokenizer(target))
         sp = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop_token_ids=stops, detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in cs.prompt_ids], sp, use_tqdm=False)
-        got = _read_counters(llm, K)
+        got = read_counters(llm, K)
     finally:
-        _shutdown(llm)
+        shutdown(llm)
     assert [list(o.outputs[0].token_ids) for o in outs] == cs.continuations
     assert got["num_drafts"] == len(offline) and got["num_accepted_tokens"] == sum(offline)
 

@@ -31,7 +31,7 @@ class VLLMError(ValueError):
     """vLLM is not installed here, or refused the target / draft."""
 
 
-def _read_counters(llm: Any, k: int) -> dict[str, Any]:
+def read_counters(llm: Any, k: int) -> dict[str, Any]:
     out: dict[str, Any] = {name: 0 for name in _COUNTERS.values()}
     out["accepted_per_position"] = [0] * k
     for metric in llm.get_metrics():
@@ -121,16 +121,16 @@ def served_counters(
     for k in k_values:
         llm = _engine(Path(target), Path(draft), int(k), max_model_len, dtype, dict(engine_args or {}))
         try:
-            before = _read_counters(llm, k)
+            before = read_counters(llm, k)
             outs = llm.generate(prompts, params, use_tqdm=False)
-            res = _delta(_read_counters(llm, k), before)
+            res = _delta(read_counters(llm, k), before)
             res["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
             if per_prompt:
                 rows = []
                 for p, sp in zip(prompts, params, strict=True):
-                    before = _read_counters(llm, k)
+                    before = read_counters(llm, k)
                     llm.generate([p], [sp], use_tqdm=False)
-                    rows.append(_delta(_read_counters(llm, k), before))
+                    rows.append(_delta(read_counters(llm, k), before))
                 res["per_prompt"] = rows
             results[int(k)] = res
         finally:
