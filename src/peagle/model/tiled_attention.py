@@ -197,35 +197,49 @@ def _own_scores(q: Tensor, k: Tensor, visible: Tensor, scale: float) -> Tensor:
     where `visible` [n, w, w] is False."""
     g, hkv, nw, d = q.shape
     n, w = visible.shape[:2]  # einsum, not a broadcast matmul: it folds G into the rows (2x faster here)
-    scores = torch.einsum("ghnid,hnjd->ghnij", q.reshape(g, hkv, n, w, d), k.reshape(hkv, n, w, d))
+    acc = _acc(q.dtype)  # bf16 inputs: scores, softmax and lse in fp32 (blocks are small), autocast or not
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("ghnid,hnjd->ghnij", q.reshape(g, hkv, n, w, d).to(acc),
+                              k.reshape(hkv, n, w, d).to(acc))
     return (scores * scale).masked_fill(~visible, float("-inf"))
 
 
 def _own_values(p: Tensor, v: Tensor) -> Tensor:
-    """Probabilities p [G, Hkv, n, w, w] of an own block times its values v [Hkv, n·w, hd]: [G, Hkv, n·w, hd]."""
+    """Probabilities p [G, Hkv, n, w, w] of an own block times its values v [Hkv, n·w, hd]: [G, Hkv, n·w, hd]
+    in p's dtype (fp32 for bf16 values)."""
     g, hkv, n, w = p.shape[:4]
-    return torch.einsum("ghnij,hnjd->ghnid", p, v.reshape(hkv, n, w, -1)).reshape(g, hkv, n * w, -1)
+    with torch.autocast(p.device.type, enabled=False):
+        out = torch.einsum("ghnij,hnjd->ghnid", p, v.reshape(hkv, n, w, -1).to(p.dtype))
+    return out.reshape(g, hkv, n * w, -1)
 
 
 def _own_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The own grid's attention alone: out [G, Hkv, n·w, hd] and its lse [G, Hkv, n·w]."""
     scores = _own_scores(q, k, visible, scale)
     lse = torch.logsumexp(scores, -1)
-    return _own_values(torch.exp(scores - lse[..., None]), v), lse.reshape(q.shape[:3])
+    return _own_values(torch.exp(scores - lse[..., None]), v).to(q.dtype), lse.reshape(q.shape[:3])
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax statistics are kept in: fp32 for bf16/fp16 inputs, else the input's own."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _merged_lse(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The lse over two disjoint key sets (-inf: no keys), with both parts floored at the dtype's lowest
-    finite value, so no keys on either side gives weights 0, not NaN, forward and backward."""
-    lowest = torch.finfo(lse_a.dtype).min
-    lse_a, lse_b = lse_a.clamp(min=lowest), lse_b.clamp(min=lowest)
+    """The lse over two disjoint key sets (-inf: no keys), in fp32 at least, with both parts floored at
+    that dtype's lowest finite value, so no keys on either side gives weights 0, not NaN, forward and
+    backward."""
+    acc = _acc(torch.promote_types(lse_a.dtype, lse_b.dtype))
+    lowest = torch.finfo(acc).min
+    lse_a, lse_b = lse_a.to(acc).clamp(min=lowest), lse_b.to(acc).clamp(min=lowest)
     return lse_a, lse_b, torch.logaddexp(lse_a, lse_b)
 
 
 def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Attention over two disjoint key sets from each one's output and lse (no keys: output 0)."""
     lse_a, lse_b, lse = _merged_lse(lse_a, lse_b)
-    return out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None], lse
+    out = out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
+    return out.to(out_a.dtype), lse
 
 
 def _own_backward(dout: Tensor, delta: Tensor, q: Tensor, k: Tensor, v: Tensor, p: Tensor, scale: float
@@ -237,14 +251,16 @@ def _own_backward(dout: Tensor, delta: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     g, hkv, nw, d = q.shape
     n, w = p.shape[2:4]
     shape = (g, hkv, n, w, d)
-    do, qs = dout.reshape(shape), q.reshape(shape)
-    ks, vs = k.reshape(shape[1:]), v.reshape(shape[1:])
-    ds = p * (torch.einsum("ghnid,hnjd->ghnij", do, vs) - delta.reshape(shape[:-1])[..., None])
-    ds = ds.mul_(scale)
-    dq = torch.einsum("ghnij,hnjd->ghnid", ds, ks).reshape(g, hkv, nw, d)
-    dk = torch.einsum("ghnij,ghnid->hnjd", ds, qs).reshape(hkv, nw, d)
-    dv = torch.einsum("ghnij,ghnid->hnjd", p, do).reshape(hkv, nw, d)
-    return dq, dk, dv
+    do, qs = dout.reshape(shape).to(p.dtype), q.reshape(shape).to(p.dtype)  # in the forward's precision
+    ks, vs = k.reshape(shape[1:]).to(p.dtype), v.reshape(shape[1:]).to(p.dtype)
+    delta = delta.to(p.dtype)
+    with torch.autocast(p.device.type, enabled=False):
+        ds = p * (torch.einsum("ghnid,hnjd->ghnij", do, vs) - delta.reshape(shape[:-1])[..., None])
+        ds = ds.mul_(scale)
+        dq = torch.einsum("ghnij,hnjd->ghnid", ds, ks).reshape(g, hkv, nw, d)
+        dk = torch.einsum("ghnij,ghnid->hnjd", ds, qs).reshape(hkv, nw, d)
+        dv = torch.einsum("ghnij,ghnid->hnjd", p, do).reshape(hkv, nw, d)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _TileAttention(torch.autograd.Function):
@@ -284,7 +300,7 @@ class _TileAttention(torch.autograd.Function):
                  for x, (a, b, _) in zip(scores, plan.own_blocks, strict=True)]
             own = torch.cat([_own_values(x, vo[:, a:b]) for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)], 2)
             out = out_h.index_select(2, plan.own_pos) * (ctx_lse - lse).exp()[..., None]
-            out_h.index_copy_(2, plan.own_pos, out + own.index_select(2, plan.own_slots))
+            out_h.index_copy_(2, plan.own_pos, (out + own.index_select(2, plan.own_slots)).to(out_h.dtype))
             lse_h.index_copy_(2, plan.own_pos, lse)
         ctx.save_for_backward(qh, kc, vc, ko, vo, out_h, lse_h, *p)
         ctx.plan, ctx.scale = plan, scale
@@ -307,7 +323,7 @@ class _TileAttention(torch.autograd.Function):
             dvc[:, lo:hi + 1] += dv.sum(0)
         dk_own = dv_own = None
         if ko is not None:  # each own key is one query's: its gradient is its slot's
-            delta = (dout_h * out_h).sum(-1)
+            delta = (dout_h.to(lse_h.dtype) * out_h.to(lse_h.dtype)).sum(-1)
             do, dl, qo = (x.index_select(2, plan.grid_pos) for x in (dout_h, delta, qh))
             grads = [_own_backward(do[:, :, a:b], dl[:, :, a:b], qo[:, :, a:b], ko[:, a:b], vo[:, a:b], x, scale)
                      for x, (a, b, _) in zip(p, plan.own_blocks, strict=True)]
