@@ -72,6 +72,7 @@ def _cfg(tmp: Path, prepared: Path, target: Path, **train: object) -> Path:
         "data": {"dataset": str(prepared), "max_length": 64},
         "model": {"target": str(target), "num_layers": 1, "num_depths": 2},
         "train": {
+            "dtype": "fp32",
             "output_dir": str(tmp / "run"),
             "max_steps": 2,
             "progress": False,

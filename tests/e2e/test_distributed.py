@@ -41,6 +41,7 @@ def _config(tmp: Path, data: Path, target: Path, name: str, grad_accum: int, par
         "model": {"target": str(target), "num_layers": 1, "num_depths": 3, "sequence_partitions": partitions},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
         "train": {
+            "dtype": "fp32",
             "output_dir": str(tmp / name),
             "micro_batch_size": 1,
             "grad_accum": grad_accum,

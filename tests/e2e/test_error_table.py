@@ -44,7 +44,7 @@ def world(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     cfg = {
         "data": {"dataset": str(prep), "max_length": 64},
         "model": {"target": str(llama_dir), "num_layers": 1, "num_depths": 2},
-        "train": {"output_dir": str(d / "run"), "max_steps": 2, "save_every": 1, "progress": False,
+        "train": {"dtype": "fp32", "output_dir": str(d / "run"), "max_steps": 2, "save_every": 1, "progress": False,
                   "tensorboard": False},
     }
     (d / "train.yaml").write_text(yaml.safe_dump(cfg))

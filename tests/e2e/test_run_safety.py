@@ -66,7 +66,7 @@ def _config(tmp: Path, dataset: Path, target: Path, out: str = "run", **sections
         "data": {"dataset": str(dataset), "max_length": 96},
         "model": {"target": str(target), "num_layers": 1, "num_depths": 3},
         "optim": {"lr": 3e-3, "warmup_steps": 1, "min_lr_ratio": 0.1},
-        "train": {"output_dir": str(tmp / out), "micro_batch_size": 2, "grad_accum": 1, "max_steps": 3,
+        "train": {"dtype": "fp32", "output_dir": str(tmp / out), "micro_batch_size": 2, "grad_accum": 1, "max_steps": 3,
                   "save_every": 0, "progress": False, "tensorboard": False},
     }
     for name, values in sections.items():

@@ -89,6 +89,7 @@ def _config(tmp: Path, dataset: Path, target: Path, out: str, **sections: dict[s
         "model": {"target": str(target), "num_layers": 1, "num_depths": 3},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
         "train": {
+            "dtype": "fp32",
             "output_dir": str(tmp / out),
             "micro_batch_size": 2,
             "grad_accum": 1,
@@ -199,6 +200,7 @@ def test_resume_is_exact(llama_data: Path, llama_dir: Path, tmp_path: Path) -> N
     common = {
         "model": {"target": str(llama_dir), "num_layers": 2, "num_depths": 3, "sequence_partitions": 2},
         "train": {
+            "dtype": "fp32",
             "max_steps": 4,
             "grad_accum": 2,
             "micro_batch_size": 1,

@@ -134,7 +134,9 @@ class TrainConfig:
     keep_last: int = _f(3, ge=1, help="checkpoints kept")
     eval_every: int = _f(0, ge=0, help="validation (+ acceptance length) every N steps (0 = at the end only)")
     log_every: int = _f(1, ge=1)
-    dtype: Literal["auto", "bf16", "fp32"] = _f("auto", help="autocast dtype: auto = bf16 on CUDA, fp32 on CPU")
+    dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", help="autocast dtype (fp32 master weights): auto = bf16 on CUDA; on a CPU bf16 where its bf16 "
+        "matmuls measure >= 1.5x fp32 (AMX, AVX-512 BF16), else fp32; a resumed run keeps its choice")
     device: Literal["auto", "cpu", "cuda"] = _f("auto")
     tensorboard: bool = _f(True)
     progress: bool = _f(True, help="show a progress bar")

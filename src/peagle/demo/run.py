@@ -151,7 +151,7 @@ def _train_config(out: Path, target_dir: Path, s: DemoSettings, progress: bool) 
         "train": {"output_dir": str(run_dir), "micro_batch_size": s.micro_batch_size, "grad_accum": 1,
                   "max_steps": s.steps, "seed": 0, "save_every": 0, "keep_last": 1,
                   "eval_every": s.eval_every, "log_every": 1, "device": "cpu", "tensorboard": False,
-                  "progress": progress},
+                  "progress": progress, "dtype": "fp32"},  # fp32 on every CPU: the same AL on each kind
         "eval": {"prompts": str(out / "data" / "heldout.jsonl"), "num_prompts": s.num_al_prompts,
                  "max_new_tokens": s.max_new_tokens},
     }

@@ -29,7 +29,7 @@ from peagle.eval.continuations import ContinuationSet
 from peagle.model.config import DraftConfig, resolve_aux_layer_ids
 from peagle.model.draft import PEagleDraft
 from peagle.model.step import PEagleTrainer
-from peagle.run.distributed import Dist, init_distributed, wrap
+from peagle.run.distributed import Dist, all_reduce, init_distributed, wrap
 from peagle.run.loader import TrainData
 from peagle.run.optim import apply_optim_config, build_optimizer, lr_factor
 from peagle.run.resume import check_resume_vocab, resume_changes
@@ -45,6 +45,7 @@ from peagle.store.checkpoint import (
 from peagle.store.rundir import check_run_dir
 from peagle.target.cache import CachedStates, CacheError
 from peagle.target.hf import Target, TargetError, TargetParts, target_shape, verifier_fingerprint
+from peagle.util.machine import BF16_MIN_SPEEDUP, bf16_speedup
 
 __all__ = ["Run", "build"]
 
@@ -110,7 +111,7 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
                             sequence_partitions=m.sequence_partitions,
                             target_head=target.head(vocab.t2d).to(d.device))
     if cache is not None and d.device.type == "cpu":
-        cache.dtype = torch.float32  # bf16 on disk; the CPU path trains in fp32
+        cache.dtype = torch.float32  # bf16 on disk; fp32 inputs on CPU (autocast casts where train.dtype is bf16)
     total = cfg.train.max_steps or sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
     optimizer, scheduler = build_optimizer(draft, cfg.optim, total)
     state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
@@ -122,11 +123,13 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
     logger = RunLogger(cfg, out, total, state.step, d.main)
     if ckpt is not None:
         _log_resume(logger, cfg, ckpt, state, applied, next_lr, total)
+    state.autocast_dtype, why = _autocast_dtype(cfg.train.dtype, d, state.autocast_dtype)
+    logger.write(f"train.dtype {cfg.train.dtype}: {state.autocast_dtype} ({why})")
     return Run(cfg=cfg, d=d, out=out, data=data, draft=draft, trainer=trainer, model=wrap(trainer, d),
                optimizer=optimizer, scheduler=scheduler, state=state, total=total,
                source=cache if cache is not None else target, target=target if al_prompts else None,
                al_prompts=al_prompts, logger=logger, last_saved=state.step if ckpt is not None else -1,
-               autocast_bf16=_dtype(cfg.train.dtype, d.device) == torch.bfloat16)
+               autocast_bf16=state.autocast_dtype == "bf16")
 
 
 def _resume_point(cfg: Config, out: Path, resume: str | None, accepted: set[str] | frozenset[str]
@@ -172,6 +175,22 @@ def _log_resume(logger: RunLogger, cfg: Config, ckpt: Path, state: TrainState, a
         o = cfg.optim
         logger.write(f"lr of step {state.step + 1}: {next_lr:.6g} (optim.lr {o.lr:g} × schedule factor "
                      f"{lr_factor(state.step, total, o.warmup_steps, o.min_lr_ratio):.4g}, {total} steps in all)")
+
+
+def _autocast_dtype(name: str, d: Dist, resumed: str) -> tuple[str, str]:
+    """What ``train.dtype`` trains in ("bf16" | "fp32") and why. ``auto``: bf16 on CUDA; on a CPU bf16 only
+    where its bf16 matmuls are measured `BF16_MIN_SPEEDUP` times faster than fp32 (rank 0 measures, every
+    rank follows); a resumed run keeps what it started with, so ``auto`` never flips mid-run."""
+    if name != "auto":
+        return name, "as configured"
+    if resumed:
+        return resumed, "as when the run started"
+    if d.device.type == "cuda":
+        return "bf16", "CUDA"
+    speedup = float(all_reduce(torch.tensor([bf16_speedup() if d.main else 0.0], dtype=torch.float64), d).item())
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 matmul measured {speedup:.1f}x fp32 on this CPU"
+    return "fp32", f"bf16 matmul measured {speedup:.1f}x fp32 on this CPU, under {BF16_MIN_SPEEDUP}x"
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:

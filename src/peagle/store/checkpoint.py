@@ -69,6 +69,7 @@ class TrainState:
     world_size: int = 1
     scheduler: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.on_nonfinite: skip)
+    autocast_dtype: str = ""  # what train.dtype resolved to when the run started ("bf16" | "fp32")
 
 
 def checkpoint_name(step: int) -> str:

@@ -14,7 +14,11 @@ import time
 
 import torch
 
-__all__ = ["keep_freed_memory", "matmul_rate"]
+__all__ = ["BF16_MIN_SPEEDUP", "bf16_speedup", "keep_freed_memory", "matmul_rate"]
+
+# `train.dtype: auto` trains in bf16 on a CPU only when its bf16 matmuls run at least this much faster than
+# fp32 (AMX: ~3.5x; AVX-512 with bf16 instructions: ~2x; AVX2-only: bf16 is emulated and slower).
+BF16_MIN_SPEEDUP = 1.5
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD = 256 << 20
@@ -40,9 +44,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
 
 
-def matmul_rate(seconds: float = 1.0) -> float:
-    """Measured fp32 matmul FLOP/s on this machine with torch's current thread count (best of repeats)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_rate(seconds: float = 1.0, dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul FLOP/s on this machine in ``dtype`` with torch's current thread count (best of repeats)."""
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
@@ -50,3 +54,8 @@ def matmul_rate(seconds: float = 1.0) -> float:
             a @ b
         best = max(best, 4 * 2 * 1024**3 / (time.perf_counter() - t0))
     return best
+
+
+def bf16_speedup(seconds: float = 0.5) -> float:
+    """bf16 matmul rate over fp32's on this CPU, measured now (what `train.dtype: auto` decides by)."""
+    return matmul_rate(seconds / 2, torch.bfloat16) / matmul_rate(seconds / 2)

@@ -40,8 +40,8 @@ def _run(tmp: Path, dataset: Path, target: Path, name: str, **train: Any) -> Run
         "data": {"dataset": str(dataset), "max_length": 64},
         "model": {"target": str(target), "num_layers": 1, "num_depths": 3, **train.pop("model", {})},
         "optim": {"lr": 3e-3, "warmup_steps": 1, "grad_clip": 0.5},
-        "train": {"output_dir": str(tmp / name), "micro_batch_size": 1, "grad_accum": 2, "max_steps": 4,
-                  "save_every": 0, "progress": False, "tensorboard": False, **train},
+        "train": {"dtype": "fp32", "output_dir": str(tmp / name), "micro_batch_size": 1, "grad_accum": 2,
+                  "max_steps": 4, "save_every": 0, "progress": False, "tensorboard": False, **train},
         "eval": {"enabled": False},
     }
     path = tmp / f"{name}.yaml"
@@ -156,3 +156,40 @@ def test_a_steps_rows_do_not_depend_on_the_split(llama_dir: Path, dataset: Path,
     two = [data.step_micro_rows(epoch, row, rank, 2) for rank in (0, 1)]
     assert two[0] == [[step_rows[0]], [step_rows[2]]] and two[1] == [[step_rows[1]], [step_rows[3]]]
     assert data.advance(epoch, row) == (epoch, row + 4) or data.advance(epoch, row) == (epoch + 1, 0)
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(llama_dir: Path, dataset: Path, tmp_path: Path,
+                                                       partitions: int) -> None:
+    """train.dtype bf16 (autocast, fp32 master weights and AdamW state) through the built run, online
+    target: the loss and update of fp32's within bf16 rounding (test_bf16.py explains the bounds)."""
+    records, deltas = {}, {}
+    for dtype in ("fp32", "bf16"):
+        run = _run(tmp_path, dataset, llama_dir, f"{dtype}{partitions}", dtype=dtype,
+                   model={"sequence_partitions": partitions})
+        assert run.autocast_bf16 == (dtype == "bf16") and run.state.autocast_dtype == dtype
+        before = {n: p.detach().clone() for n, p in run.draft.named_parameters()}
+        epoch, row = next(iter(run.data.positions(run.state, run.total)))
+        records[dtype] = train_step(run, epoch, row)
+        assert all(p.dtype == torch.float32 for p in run.draft.parameters())
+        deltas[dtype] = torch.cat([(p.detach() - before[n]).flatten() for n, p in run.draft.named_parameters()])
+    assert records["bf16"]["loss"] == pytest.approx(records["fp32"]["loss"], rel=2e-2)
+    assert records["bf16"]["grad_norm"] == pytest.approx(records["fp32"]["grad_norm"], rel=5e-2)
+    assert torch.nn.functional.cosine_similarity(deltas["bf16"], deltas["fp32"], dim=0) > 0.98
+
+
+def test_auto_dtype_is_measured_once_and_kept_on_resume(llama_dir: Path, dataset: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import peagle.run.build as build_mod
+    from peagle.run.distributed import Dist
+
+    monkeypatch.setattr(build_mod, "bf16_speedup", lambda: 3.2)
+    run = _run(tmp_path, dataset, llama_dir, "auto_fast", dtype="auto")
+    assert run.autocast_bf16 and run.state.autocast_dtype == "bf16"
+    assert "train.dtype auto: bf16 (bf16 matmul measured 3.2x fp32 on this CPU)" in capsys.readouterr().out
+    monkeypatch.setattr(build_mod, "bf16_speedup", lambda: 0.4)  # an AVX2-only CPU emulates bf16
+    run = _run(tmp_path, dataset, llama_dir, "auto_slow", dtype="auto")
+    assert not run.autocast_bf16 and run.state.autocast_dtype == "fp32"
+    cpu = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"), initialized_here=False)
+    assert build_mod._autocast_dtype("auto", cpu, "bf16") == ("bf16", "as when the run started")
+    assert build_mod._autocast_dtype("fp32", cpu, "bf16") == ("fp32", "as configured")
