@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from peagle.util.machine import keep_freed_memory, matmul_rate
+from peagle.util.machine import bf16_speedup, keep_freed_memory, matmul_rate
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, VOCAB, LAYERS, K = 256, 4, 2, 64, 688, 4096, 4, 8
 TARGET_LAYERS, AUX_LAYERS, LOGIT_SCALE, RATIO, RATIO_MIN, LR = 8, (2, 4, 5), 10.0, 0.7, 0.2, 6e-4
@@ -110,7 +110,8 @@ def step_forwards(trainer, batch):
         yield lambda unit=unit: trainer(unit)
 
 
-def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, seed: int) -> dict:
+def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, seed: int,
+          dtype: str = "fp32") -> dict:
     keep_freed_memory()  # as `peagle train` runs
     torch.manual_seed(seed)
     draft, batch = build(L, seed)
@@ -126,7 +127,8 @@ def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, 
         loss_sum, fwd, bwd = 0.0, 0.0, 0.0
         for forward in step_forwards(trainer, batch):
             f0 = time.perf_counter()
-            out = forward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):  # as `peagle train`
+                out = forward()
             f1 = time.perf_counter()
             out.loss.backward()
             fwd, bwd = fwd + f1 - f0, bwd + time.perf_counter() - f1
@@ -141,7 +143,8 @@ def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, 
     flops = step_flops(lay.anchor, lay.depth, supervised, lay.docs)
     losses = [r["loss"] for r in records]
     return {
-        "L": L, "variant_label": f"{attention} S={partitions}", "attention": attention, "partitions": partitions,
+        "L": L, "variant_label": f"{attention} S={partitions}" + (" bf16" if dtype == "bf16" else ""),
+        "attention": attention, "partitions": partitions, "dtype": dtype,
         "sampled_median": sampled, "supervised": supervised, "median_step_s": med,
         "median_fwd_s": statistics.median([r["fwd_s"] for r in timed]),
         "median_bwd_s": statistics.median([r["bwd_s"] for r in timed]),
@@ -156,7 +159,7 @@ def child(L: int, attention: str, partitions: int, steps: int, budget_s: float, 
 
 def run_child(args, L: int, attention: str, partitions: int) -> dict:
     cmd = [sys.executable, __file__, "--child", str(L), attention, str(partitions), "--steps", str(args.steps),
-           "--budget-s", str(args.budget_s), "--seed", str(args.seed)]
+           "--budget-s", str(args.budget_s), "--seed", str(args.seed), "--dtype", args.dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT_JSON "):
@@ -235,7 +238,7 @@ def run_peer(args, script: Path, python: Path, L: int) -> tuple[dict, dict | Non
     """One peer_speculators.py invocation for one L (its own child process): (run, its config)."""
     cmd = [str(python), str(script), "--attn", args.peer_attn, "--lengths", str(L), "--steps", str(args.steps),
            "--min-steps", "3", "--budget-s", str(args.budget_s), "--warmup", "1" if args.steps > 3 else "0",
-           "--seed", str(args.seed), *peer_argv()]
+           "--seed", str(args.seed), "--dtype", args.dtype, *peer_argv()]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_env())
     res = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT_JSON ")]
     if proc.returncode or not res:
@@ -286,7 +289,8 @@ def main_peer(args, baseline: str) -> None:
     rate = matmul_rate()
     threads = torch.get_num_threads()
     v = probe["versions"]
-    print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s  (threads={threads})")
+    print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s  (threads={threads}); steps in {args.dtype}"
+          + (f", bf16 matmul {bf16_speedup():.1f}x fp32 here" if args.dtype == "bf16" else ""))
     print(f"peer: speculators {v['speculators']} `{script.name} --attn {args.peer_attn}` "
           f"(torch {v['torch']}, transformers {v['transformers']}) via {python}")
     print(f"peagle: torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}")
@@ -296,8 +300,9 @@ def main_peer(args, baseline: str) -> None:
           f"{list(AUX_LAYERS)}, lm_head x{LOGIT_SCALE:g}; draft {LAYERS} layers, K = {K}, r = {RATIO}, "
           f"r_min = {RATIO_MIN}, full attention"]
     print("\n".join(shapes))
+    precision = "bf16 autocast, fp32 master weights" if args.dtype == "bf16" else "fp32"
     print("not the same work: speculators computes the target logits in its forward (peagle gets them as input), "
-          "freezes its lm_head (peagle trains it); token ids differ (same shapes). Both: fp32, one document, "
+          f"freezes its lm_head (peagle trains it); token ids differ (same shapes). Both: {precision}, one document, "
           "step = forward (COD sampling included) + backward + clip + AdamW; median over steps 2.. "
           "(peagle keeps step 1 when only 3 steps ran)")
     print(f"order per L: peagle S={args.partitions[0]} and speculators back to back (alternating which goes "
@@ -409,6 +414,9 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: every step under bf16 autocast with fp32 master weights (as train.dtype bf16), the "
+                        "peer too (peer_speculators.py --dtype bf16)")
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rounds < 1:
@@ -420,14 +428,16 @@ def main() -> None:
         print(f"CPU code paths capped at {args.isa}: {' '.join(f'{k}={v}' for k, v in ISA_ENV[args.isa].items())}")
     if args.child:
         L, attention, partitions = int(args.child[0]), args.child[1], int(args.child[2])
-        print("RESULT_JSON " + json.dumps(child(L, attention, partitions, args.steps, args.budget_s, args.seed)))
+        print("RESULT_JSON " + json.dumps(child(L, attention, partitions, args.steps, args.budget_s, args.seed,
+                                                args.dtype)))
         return
     baseline = args.baseline or ("none" if args.peer else "dense")
     if args.peer:
         main_peer(args, baseline)
         return
     rate = matmul_rate()
-    print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s  (threads={torch.get_num_threads()})")
+    print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s  (threads={torch.get_num_threads()}); steps in {args.dtype}"
+          + (f", bf16 matmul {bf16_speedup():.1f}x fp32 here" if args.dtype == "bf16" else ""))
     print("| L | S | COD elements | step s | elements/s | peak RSS MiB | FLOP floor s | step/floor "
           "| dense-SDPA step s | dense/ours | dense RSS MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
