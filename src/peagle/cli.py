@@ -62,21 +62,24 @@ def _one_line(e: BaseException) -> str:
 def _add_prepare(sub: Any) -> None:
     p = sub.add_parser(
         "prepare",
-        help="tokenize chat data with the target's chat template",
-        description="Tokenize chat data (JSONL/JSON/parquet/datasets dir) with the target's "
+        help="tokenize chat, plain-text and pre-tokenized data for training",
+        description="Tokenize data (JSONL/JSON/parquet/datasets dir) with the target's "
         "tokenizer and chat template, choose the draft vocabulary and mask token, and "
         "optionally cache the target's hidden states for offline training. Each assistant turn is "
         "supervised as the model generates it at serving time; a template that rewrites earlier "
-        "turns (Qwen3 drops their reasoning) gives one example per distinct rendering. The output "
-        "directory appears complete or not at all.",
+        "turns (Qwen3 drops their reasoning) gives one example per distinct rendering. Records "
+        '{"text": ...} (base models: no chat template, every token supervised) and '
+        '{"input_ids": [...], "loss_mask": [...]} are split at --max-length; files may mix all three. '
+        "The output directory appears complete or not at all.",
     )
-    p.add_argument("inputs", nargs="+", help="chat data files or directories")
+    p.add_argument("inputs", nargs="+", help="data files or directories (chats, text, token ids)")
     p.add_argument("--target", required=True, help="target model (or tokenizer) directory")
     p.add_argument("--out", required=True, help="output directory for the tokenized dataset")
     p.add_argument("--max-length", type=int, default=2048, help="max tokens per example (default 2048)")
     p.add_argument("--last-turn-only", action="store_true", help="supervise only the last assistant turn")
     p.add_argument(
-        "--drop-long", action="store_true", help="drop examples longer than --max-length (default: truncate)"
+        "--drop-long", action="store_true",
+        help="drop chat examples longer than --max-length (default: truncate; text and token ids are split)"
     )
     p.add_argument("--limit", type=int, default=None, help="use at most N records")
     p.add_argument(
@@ -282,6 +285,9 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() batch")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="target and draft precision, offline and in vLLM (fp32: exact; bf16: as users serve, "
+                        "agreement measured in docs/evaluation.md)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--check-exact", action="store_true",
                    help="also run the literal speculative-decoding loop per prompt and check it agrees (slow)")
@@ -296,6 +302,8 @@ def _add_eval(sub: Any) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     """`peagle eval`: 0 ok, 1 bad input (one line ``peagle eval: error: ...``), 3 the literal loop
     disagrees (--check-exact), 4 vLLM's counters differ from the offline prediction (--engine vllm)."""
+    import torch
+
     from peagle.data.records import DataError
     from peagle.eval.errors import EvalError
     from peagle.eval.literal import check_exact
@@ -311,9 +319,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_outputs(args.out, args.json)
         draft = load_draft(args.draft)
         # the target's states at the draft's own aux layers (in increasing order, as vLLM feeds them)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         target = Target(args.target, device=args.device, trust_remote_code=args.trust_remote_code,
-                        aux_layer_ids=draft.config.aux_layer_ids)
-        draft = draft.to(target.device)
+                        aux_layer_ids=draft.config.aux_layer_ids, dtype=dtype)
+        draft = draft.to(device=target.device, dtype=dtype)
         json_path = args.json
         if json_path is None and args.out is not None:
             json_path = Path(args.out) / "eval.json"

@@ -1,6 +1,7 @@
 """Stage 3 — ``peagle prepare``: records → tokenized dataset + manifest + token counts, one atomic dir.
 
-Reads records (``records``), tokenizes them with the target's template (``templates``), counts tokens
+Reads records (``records``), tokenizes chats with the target's template (``templates``) and plain text /
+token ids without one (``text``: every text token supervised, long ones split), counts tokens
 (supervised ones for the draft vocabulary, all of them for the mask-token check), chooses the draft
 vocabulary and mask token, and writes the directory described in ``prepared`` through
 ``peagle.util.files.atomic_dir``: it appears complete or not at all. The choice is recorded once, in
@@ -29,7 +30,17 @@ from peagle.data.prepared import (
     sha256_text,
     tokenizer_fingerprint,
 )
-from peagle.data.records import DataError, Record, RecordError, SplitSpec, read_records
+from peagle.data.records import (
+    CHAT,
+    RECORD_KINDS,
+    TEXT,
+    TOKENS,
+    DataError,
+    Record,
+    RecordError,
+    SplitSpec,
+    read_records,
+)
 from peagle.data.summary import STRATEGY_TEXT, PrepareSummary
 from peagle.data.templates import (
     ChatTokenization,
@@ -39,13 +50,19 @@ from peagle.data.templates import (
     resolve_chat_template,
     tokenize_chat_examples,
 )
-from peagle.data.vocab import build_draft_vocab, check_mask_token, choose_mask_token_id
+from peagle.data.text import tokenize_record
+from peagle.data.vocab import build_draft_vocab, check_mask_token, choose_mask_token
 from peagle.util.files import atomic_dir
 
 _ARROW_CHUNK = 1024  # examples per in-memory Arrow chunk while preparing
 ON_ERROR_CHOICES = ("strict", "skip")
 SKIP_HINT = "to skip bad records and list them in the summary, pass --on-error skip"
-
+# What the loss mask marks, by record kind (manifest "tokenization").
+SUPERVISION = {
+    CHAT: "each assistant turn as generated at serving time (after its rendered history)",
+    TEXT: "every token (tokenized with the tokenizer's special tokens, no chat template)",
+    TOKENS: "the record's loss_mask (every token when it has none)",
+}
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -100,12 +117,15 @@ class _Request:
 
 @dataclass(frozen=True)
 class _Tokenizer:
-    """The target's tokenizer, its resolved chat template, and the target vocab size V."""
+    """The target's tokenizer, its resolved chat template (None for a base model: then ``no_template``
+    says why, for the first chat record), the target vocab size V and the ids token records may hold."""
 
     tokenizer: Any
-    template: str
+    template: str | None
     vocab_size: int
     has_gen: bool  # the template marks assistant spans with {% generation %} blocks
+    vocab_limit: int  # token ids of TOKENS records lie in [0, vocab_limit): min(len(tokenizer), V)
+    no_template: str | None = None
 
 
 class _Tally:
@@ -127,11 +147,14 @@ class _Tally:
         self.lengths: list[int] = []
         self.dropped: Counter[str] = Counter()
         self.strategies: Counter[str] = Counter()
+        self.kinds: Counter[str] = Counter()  # good records read, by kind (chat, text, tokens)
+        self.kept_by_kind: Counter[str] = Counter()  # examples written, by the kind of their record
         self.bad: Counter[str] = Counter()
         self.errors: list[str] = []
         self.bad_examples: list[str] = []
         self.kept = self.records_kept = self.read = self.truncated = self.tokens = self.supervised = 0
         self.hidden_reasoning = 0
+        self.split_records = self.split_examples = 0  # text / token records longer than max_length: pieces
 
     def on_bad(self, e: RecordError) -> None:
         """A bad record skipped by ``read_records`` (``--on-error skip``): counted, the first few kept."""
@@ -142,8 +165,12 @@ class _Tally:
     def add(self, rec: Record, out: ChatTokenization) -> None:
         """Count one good record and keep its usable examples."""
         self.read += 1
+        self.kinds[rec.kind] += 1
         if out.strategy is not None:
             self.strategies[out.strategy] += 1
+        if rec.kind != CHAT and len(out.examples) > 1:  # split at max_length (``peagle.data.text``)
+            self.split_records += 1
+            self.split_examples += len(out.examples)
         self.hidden_reasoning += out.reasoning_not_rendered > 0
         any_kept = False
         for ex in out.examples:
@@ -153,6 +180,7 @@ class _Tally:
                     self.errors.append(f"{rec.source}:{rec.line}: {ex.error}")
                 continue
             self._keep(rec, ex)
+            self.kept_by_kind[rec.kind] += 1
             any_kept = True
         self.records_kept += any_kept
 
@@ -212,10 +240,19 @@ def _check_arguments(
 
 
 def _load_tokenizer(req: _Request) -> _Tokenizer:
-    """Load the tokenizer and chat template, size the target vocab, and check the vocab arguments."""
+    """Load the tokenizer and chat template, size the target vocab, and check the vocab arguments.
+
+    A tokenizer without a chat template (a base model) is fine until a chat record needs one."""
     tokenizer = load_tokenizer(req.tokenizer_path, req.trust_remote_code)
-    template = resolve_chat_template(tokenizer, load_chat_template(req.chat_template))
-    V = req.vocab_size or len(tokenizer)
+    template, no_template = None, None
+    try:
+        template = resolve_chat_template(tokenizer, load_chat_template(req.chat_template))
+    except DataError as e:
+        if req.chat_template is not None:  # a template given but unreadable is an error at once
+            raise
+        no_template = str(e)
+    n_tokens = len(tokenizer)
+    V = req.vocab_size or n_tokens
     if req.draft_vocab_size is not None and not 1 <= req.draft_vocab_size <= V:
         raise DataError(f"--draft-vocab-size must be in [1, {V}] (the target vocab), got {req.draft_vocab_size}")
     if isinstance(req.mask_token_id, int):
@@ -223,24 +260,43 @@ def _load_tokenizer(req: _Request) -> _Tokenizer:
             check_mask_token(req.mask_token_id, V)
         except ValueError as e:
             raise DataError(str(e)) from None
-    return _Tokenizer(tokenizer, template, V, has_generation_blocks(template))
+    return _Tokenizer(tokenizer, template, V, template is not None and has_generation_blocks(template),
+                      min(n_tokens, V), no_template)
+
+
+def _tokenize_record(req: _Request, tok: _Tokenizer, rec: Record) -> ChatTokenization:
+    """One record's examples: a chat through the chat template (an error without one), plain text and
+    token ids by ``peagle.data.text`` (never through a template)."""
+    if rec.kind != CHAT:
+        return ChatTokenization(tokenize_record(tok.tokenizer, rec, req.max_length, tok.vocab_limit))
+    if tok.template is None:
+        raise DataError(f"{rec.source}:{rec.line}: a chat record, but {tok.no_template}")
+    return tokenize_chat_examples(
+        tok.tokenizer, rec.messages, req.max_length, last_turn_only=req.last_turn_only, chat_template=tok.template,
+        truncate=not req.drop_long, tools=rec.tools, template_kwargs=req.chat_template_kwargs)
 
 
 def _tokenize_sources(req: _Request, tok: _Tokenizer) -> _Tally:
-    """Stream the records through the chat template; bad records fail (strict) or are counted (skip).
+    """Stream the records through ``_tokenize_record``; bad records (token ids outside the vocabulary
+    included) fail (strict) or are counted (skip).
 
     Raises DataError when no example survives, listing the drop reasons."""
     from tqdm.auto import tqdm
 
+    skip = req.on_error == "skip"
     tally = _Tally(tok.vocab_size, req.max_errors_shown)
-    records = read_records(req.inputs, split=req.split, limit=req.limit,
-                           on_bad=tally.on_bad if req.on_error == "skip" else None)
+    records = read_records(req.inputs, split=req.split, limit=req.limit, on_bad=tally.on_bad if skip else None,
+                           kinds=RECORD_KINDS)
     try:
         for rec in tqdm(records, desc="tokenizing", unit="rec", disable=not req.progress):
-            tally.add(rec, tokenize_chat_examples(
-                tok.tokenizer, rec.messages, req.max_length, last_turn_only=req.last_turn_only,
-                chat_template=tok.template, truncate=not req.drop_long, tools=rec.tools,
-                template_kwargs=req.chat_template_kwargs))
+            try:
+                out = _tokenize_record(req, tok, rec)
+            except RecordError as e:
+                if not skip:
+                    raise
+                tally.on_bad(e)
+                continue
+            tally.add(rec, out)
     except RecordError as e:
         raise DataError(f"{e}; {SKIP_HINT}") from None
     tally.read += sum(tally.bad.values())
@@ -258,10 +314,11 @@ def _choose_draft_vocab(req: _Request, tok: _Tokenizer, tally: _Tally) -> dict[s
     size = req.draft_vocab_size or tok.vocab_size
     vocab = build_draft_vocab(tally.sup_counts, size)
     try:
-        mask = choose_mask_token_id(tok.tokenizer, tok.vocab_size, req.mask_token_id, tally.all_counts)
+        mask = choose_mask_token(tok.tokenizer, tok.vocab_size, req.mask_token_id, tally.all_counts)
     except ValueError as e:
         raise DataError(str(e)) from None
-    return {"draft_vocab_size": size, "mask_token_id": mask, "coverage": vocab.coverage, "vocab_size": tok.vocab_size}
+    return {"draft_vocab_size": size, "mask_token_id": mask.token_id, "mask_token_reason": mask.reason,
+            "coverage": vocab.coverage, "vocab_size": tok.vocab_size}
 
 
 def _length_histogram(lengths: list[int], max_length: int) -> list[tuple[int, int, int]]:
@@ -281,17 +338,24 @@ def _summary(req: _Request, tok: _Tokenizer, tally: _Tally, choice: dict[str, An
     return PrepareSummary(
         str(req.output_dir), tally.read, tally.kept, dict(tally.dropped), tally.truncated, tally.tokens,
         tally.supervised, _length_histogram(tally.lengths, req.max_length), tally.errors,
-        records_kept=tally.records_kept, strategies=dict(tally.strategies),
+        records_kept=tally.records_kept, strategies=dict(tally.strategies), kinds=dict(tally.kinds),
+        kept_by_kind=dict(tally.kept_by_kind), split_records=tally.split_records,
+        split_examples=tally.split_examples,
         mask_source="generation" if tok.has_gen else "prefix", bad_records=dict(tally.bad),
         bad_examples=tally.bad_examples, reasoning_not_rendered=tally.hidden_reasoning,
         vocab_size=tok.vocab_size, draft_vocab_size=choice["draft_vocab_size"], coverage=choice["coverage"],
         mask_token_id=choice["mask_token_id"],
+        mask_token_reason=choice["mask_token_reason"],
     )
 
 
 def _manifest(req: _Request, tok: _Tokenizer, s: PrepareSummary, choice: dict[str, Any]) -> dict[str, Any]:
-    """``manifest.json``: sources, tokenizer and template identity, options, counts, the draft vocab."""
+    """``manifest.json``: sources, tokenizer and template identity, options, counts, the draft vocab.
+
+    The template is recorded only when chat records went through it: text and token ids do not depend
+    on it (a base model has none)."""
     tokenizer_path = req.tokenizer_path
+    template = tok.template if s.kinds.get(CHAT, 0) else None
     return {
         "format": FORMAT,
         "sources": [{"path": str(Path(p).resolve()),
@@ -302,14 +366,17 @@ def _manifest(req: _Request, tok: _Tokenizer, s: PrepareSummary, choice: dict[st
                       else str(tokenizer_path),
                       "name_or_path": getattr(tok.tokenizer, "name_or_path", None),
                       **tokenizer_fingerprint(tok.tokenizer)},
-        "chat_template_sha256": sha256_text(tok.template),
-        "chat_template_source": str(req.chat_template) if req.chat_template is not None else "tokenizer",
+        "chat_template_sha256": sha256_text(template) if template is not None else None,
+        "chat_template_source": None if template is None
+        else str(req.chat_template) if req.chat_template is not None else "tokenizer",
         "chat_template_kwargs": dict(req.chat_template_kwargs or {}),
         "tokenization": {
-            "supervision": "each assistant turn as generated at serving time (after its rendered history)",
-            "spans": "generation" if tok.has_gen else "prefix",
+            "supervision": {k: v for k, v in SUPERVISION.items() if k in s.kinds},
+            "records_by_kind": dict(s.kinds),
+            "spans": None if template is None else "generation" if tok.has_gen else "prefix",
             "records_by_strategy": dict(s.strategies),
             "strategies": {k: v for k, v in STRATEGY_TEXT.items() if k in s.strategies},
+            "split": "text and token-id records longer than max_length: consecutive examples of max_length tokens",
         },
         "vocab_size": tok.vocab_size,
         "max_length": req.max_length,
@@ -318,7 +385,9 @@ def _manifest(req: _Request, tok: _Tokenizer, s: PrepareSummary, choice: dict[st
         "on_error": req.on_error,
         "counts": {"read": s.read, "records_kept": s.records_kept, "kept": s.kept, "dropped": dict(s.dropped),
                    "truncated": s.truncated, "tokens": s.tokens, "supervised_tokens": s.supervised_tokens,
-                   "reasoning_not_rendered": s.reasoning_not_rendered},
+                   "reasoning_not_rendered": s.reasoning_not_rendered, "records_by_kind": dict(s.kinds),
+                   "examples_by_kind": dict(s.kept_by_kind), "split_records": s.split_records,
+                   "split_examples": s.split_examples},
         "bad_records": {"counts": dict(s.bad_records), "first": s.bad_examples},
         "length_histogram": [list(h) for h in s.histogram],
         "errors": s.errors,
@@ -370,7 +439,8 @@ def prepare(
     progress: bool = True,
     max_errors_shown: int = 5,
 ) -> PrepareSummary:
-    """Tokenize chat data with the target's tokenizer/template and write it to ``output_dir``.
+    """Tokenize chats (with the target's chat template), plain text and token-id records (without one:
+    ``peagle.data.text``, long ones split at ``max_length``) and write them to ``output_dir``.
 
     Writes ``dataset/`` (HF ``save_to_disk``: columns input_ids int32, loss_mask int8, unshifted, and
     record int64: the source record, shared by the examples of a per_turn record),

@@ -1,9 +1,12 @@
-"""Stage 1 — chat records from disk: JSONL / JSON / parquet / ``datasets`` directories → :class:`Record`.
+"""Stage 1 — records from disk: JSONL / JSON / parquet / ``datasets`` directories → :class:`Record`.
 
-Records come as OpenAI ``messages`` or ShareGPT ``conversations``; :func:`normalize_record` turns one
-into OpenAI-style messages (every OpenAI content form: ``peagle.data.chat``). A bad record is a
-:class:`RecordError` naming ``file:line`` with a reason bucket, raised or handed to ``on_bad``
-(``prepare --on-error skip``), so one broken line never hides behind a traceback.
+A record is one of three kinds (``Record.kind``): a chat (``CHAT``: OpenAI ``messages`` or ShareGPT
+``conversations``, turned into OpenAI-style messages, every OpenAI content form: ``peagle.data.chat``),
+plain text (``TEXT``: ``{"text": "..."}``, for base models) or token ids (``TOKENS``:
+``{"input_ids": [...], "loss_mask": [...]}``, ``loss_mask`` optional). :func:`read_records` reads chats
+only unless asked for more kinds (``peagle prepare`` takes all three; ``peagle.data.text`` tokenizes the
+other two). A bad record is a :class:`RecordError` naming ``file:line`` with a reason bucket, raised or
+handed to ``on_bad`` (``prepare --on-error skip``), so one broken line never hides behind a traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -40,6 +43,14 @@ MALFORMED_JSON = "malformed_json"
 NOT_UTF8 = "not_utf8"
 BAD_RECORD = "bad_record"
 UNKNOWN_ROLE = "unknown_role"
+BAD_TOKENS = "bad_tokens"  # a token-ids record: an id that is no token, a loss_mask that does not fit
+UNWANTED_KIND = "not_a_chat"  # a text / token-ids record where only chats are read
+
+# Record kinds (``Record.kind``; counted by ``prepare`` in the summary and the manifest).
+CHAT = "chat"
+TEXT = "text"
+TOKENS = "tokens"
+RECORD_KINDS = (CHAT, TEXT, TOKENS)
 
 
 class DataError(ValueError):
@@ -56,12 +67,17 @@ class RecordError(DataError):
 
 @dataclass
 class Record:
-    """One chat: OpenAI-style messages (extra fields such as tool_calls kept), optional tools."""
+    """One record of ``kind`` CHAT (OpenAI-style messages, extra fields such as tool_calls kept, optional
+    tools), TEXT (``text``) or TOKENS (``input_ids`` and a 0/1 ``loss_mask`` of the same length)."""
 
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]]  # [] unless kind is CHAT
     source: str
     line: int  # 1-based line (JSONL) or record number (JSON list, parquet, datasets dir)
     tools: list[Any] | None = None
+    kind: str = CHAT
+    text: str | None = None
+    input_ids: list[int] | None = None
+    loss_mask: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,11 +139,46 @@ def _message(m: Any, i: int, role: str, where: str, source: str, line: int) -> d
         raise RecordError(f"{where}: {e}", e.reason, source, line) from None
 
 
-def normalize_record(obj: Any, source: str, line: int) -> Record:
-    """Turn one raw record (dict) into a Record with OpenAI-style messages.
+def _int_list(values: Any, name: str, source: str, line: int, *, bools: bool = False) -> list[int]:
+    """``values`` as a list of Python ints (``bools``: true/false read as 1/0); a RecordError
+    (BAD_TOKENS) naming ``source:line`` and the first entry that is not one."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise RecordError(f"{source}:{line}: '{name}' must be a list of integers, got {type(values).__name__}",
+                          BAD_TOKENS, source, line)
+    out = list(values)
+    for i, v in enumerate(out):
+        if not isinstance(v, int) or (isinstance(v, bool) and not bools):
+            raise RecordError(f"{source}:{line}: '{name}'[{i}] is {v!r}, not an integer", BAD_TOKENS, source,
+                              line)
+    return [int(v) for v in out] if bools else out
 
-    Raises :class:`RecordError` (a DataError) naming ``source:line``: not an object, unknown role,
-    content that is not text (``peagle.data.chat``), tool calls that are not valid.
+
+def _tokens_record(obj: Mapping[str, Any], source: str, line: int) -> Record:
+    """A TOKENS record: ``input_ids`` ints, ``loss_mask`` (default all ones) 0/1 of the same length.
+
+    Which ids are tokens depends on the tokenizer: ``peagle.data.text.check_token_ids`` checks that."""
+    ids = _int_list(obj["input_ids"], "input_ids", source, line)
+    if obj.get("loss_mask") is None:
+        return Record([], source, line, kind=TOKENS, input_ids=ids, loss_mask=[1] * len(ids))
+    mask = _int_list(obj["loss_mask"], "loss_mask", source, line, bools=True)
+    if len(mask) != len(ids):
+        raise RecordError(f"{source}:{line}: 'loss_mask' has {len(mask)} entries but 'input_ids' has {len(ids)}",
+                          BAD_TOKENS, source, line)
+    for i, v in enumerate(mask):
+        if v not in (0, 1):
+            raise RecordError(f"{source}:{line}: 'loss_mask'[{i}] is {v}; a loss mask holds 0 or 1", BAD_TOKENS,
+                              source, line)
+    return Record([], source, line, kind=TOKENS, input_ids=ids, loss_mask=mask)
+
+
+def normalize_record(obj: Any, source: str, line: int, *, kinds: Collection[str] = (CHAT,)) -> Record:
+    """Turn one raw record (dict) into a Record: a chat (OpenAI-style messages), or, when ``kinds``
+    allows them, a text (``{"text": ...}``) or token-ids (``{"input_ids": ..., "loss_mask": ...}``) record.
+
+    A record with ``messages`` / ``conversations`` is a chat whatever else it holds. Raises
+    :class:`RecordError` (a DataError) naming ``source:line``: not an object, unknown role, content
+    that is not text (``peagle.data.chat``), tool calls that are not valid, token ids or a loss mask
+    that are not lists of integers (0/1 for the mask, as many as the ids), a kind not in ``kinds``.
     """
     where = f"{source}:{line}"
 
@@ -135,7 +186,22 @@ def normalize_record(obj: Any, source: str, line: int) -> Record:
         return RecordError(f"{where}: {msg}", reason, source, line)
 
     if not isinstance(obj, Mapping):
-        raise bad("expected a JSON object with 'messages' or 'conversations'")
+        raise bad("expected a JSON object with 'messages' or 'conversations'"
+                  + (", 'text' or 'input_ids'" if set(kinds) - {CHAT} else ""))
+    if obj.get("messages") is None and obj.get("conversations") is None:
+        kind = TEXT if obj.get("text") is not None else TOKENS if obj.get("input_ids") is not None else None
+        if kind is not None and kind not in kinds:
+            key = "text" if kind == TEXT else "input_ids"
+            allowed = " and ".join(k for k in RECORD_KINDS if k in kinds)
+            raise bad(f"a {kind} record ({key!r}); only {allowed} records are read here", UNWANTED_KIND)
+        if kind == TEXT:
+            if obj.get("input_ids") is not None:
+                raise bad("record has both 'text' and 'input_ids'; give one of them")
+            if not isinstance(obj["text"], str):
+                raise bad(f"'text' must be a string, got {type(obj['text']).__name__}")
+            return Record([], source, line, kind=TEXT, text=obj["text"])
+        if kind == TOKENS:
+            return _tokens_record(obj, source, line)
     tools = obj.get("tools")
     if isinstance(tools, str):  # some datasets store tools as a JSON string
         if not tools.strip():
@@ -185,13 +251,16 @@ def normalize_record(obj: Any, source: str, line: int) -> Record:
             else:
                 raise bad(f"conversation turn {i} has neither 'from' nor 'role'")
     else:
-        raise bad(f"record has neither 'messages' nor 'conversations' (keys: {sorted(obj)})")
+        keys = ["messages", "conversations"] + [key for key, k in (("text", TEXT), ("input_ids", TOKENS))
+                                                if k in kinds]
+        raise bad(f"record has neither {' nor '.join(map(repr, keys))} (keys: {sorted(obj)})")
     if isinstance(system, str) and system and not (out and out[0]["role"] in ("system", "developer")):
         out.insert(0, {"role": "system", "content": system})
     return Record(out, source, line, tools or None)
 
 
-_Item = Record | RecordError  # what the source iterators yield: a record, or why one is unusable
+_Raw = tuple[Any, str, int]  # one parsed record before normalize_record: (object, source, line)
+_Item = _Raw | RecordError  # what the source iterators yield: a parsed record, or why one is unusable
 
 
 def _decode_line(raw: bytes, path: Path, lineno: int) -> str | RecordError:
@@ -220,14 +289,7 @@ def _iter_jsonl(path: Path) -> Iterator[_Item]:
                 yield RecordError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})",
                                   MALFORMED_JSON, str(path), lineno)
                 continue
-            yield _record_or_error(obj, str(path), lineno)
-
-
-def _record_or_error(obj: Any, source: str, line: int) -> _Item:
-    try:
-        return normalize_record(obj, source, line)
-    except RecordError as e:
-        return e
+            yield obj, str(path), lineno
 
 
 def read_text(path: Path) -> str:
@@ -268,12 +330,12 @@ def _iter_json(path: Path) -> Iterator[_Item]:
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a JSON list of records")
     for i, rec in enumerate(obj, 1):
-        yield _record_or_error(rec, str(path), i)
+        yield rec, str(path), i
 
 
 def _iter_rows(rows: Iterable[Mapping[str, Any]], source: str) -> Iterator[_Item]:
     for i, row in enumerate(rows, 1):
-        yield _record_or_error(row, source, i)
+        yield row, source, i
 
 
 def _iter_parquet(path: Path) -> Iterator[_Item]:
@@ -287,7 +349,7 @@ def _iter_parquet(path: Path) -> Iterator[_Item]:
     for batch in pf.iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             i += 1
-            yield _record_or_error(row, str(path), i)
+            yield row, str(path), i
 
 
 def _split_name_error(path: Path, name: str) -> DataError:
@@ -347,8 +409,10 @@ def read_records(
     split: str | None = None,
     limit: int | None = None,
     on_bad: Callable[[RecordError], None] | None = None,
+    kinds: Collection[str] = (CHAT,),
 ) -> Iterator[Record]:
-    """Yield normalised chat records from the given files/directories, in order.
+    """Yield normalised records from the given files/directories, in order: chats, and the other
+    ``kinds`` (TEXT, TOKENS) when asked for; a record of another kind is a bad record (``not_a_chat``).
 
     ``split`` (e.g. ``"train[:1000]"``, ``"[10:20]"``, ``"train[:5%]"``) picks a split of a
     ``datasets`` DatasetDict by name and slices the concatenated record stream (a data file is the
@@ -374,9 +438,14 @@ def read_records(
     if limit is not None:
         stop = start + limit if stop is None else min(stop, start + limit)
     for item in islice(items, start, stop):
-        if isinstance(item, RecordError):
-            if on_bad is None:
-                raise item
-            on_bad(item)
-            continue
-        yield item
+        if not isinstance(item, RecordError):
+            try:
+                rec = normalize_record(*item, kinds=kinds)
+            except RecordError as e:
+                item = e
+            else:
+                yield rec
+                continue
+        if on_bad is None:
+            raise item
+        on_bad(item)

@@ -1,4 +1,5 @@
-"""What ``peagle prepare`` reports: counts, lengths, the draft vocabulary and mask token it chose.
+"""What ``peagle prepare`` reports: counts (by record kind: chat, text, tokens), lengths, the draft
+vocabulary and mask token it chose.
 
 Printed at the end of ``prepare`` (`PrepareSummary.format_summary`) and stored in the manifest.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from peagle.data.records import CHAT
 from peagle.data.templates import GENERATION_FULL, ONE_RENDERING, PER_TURN
 
 __all__ = ["PrepareSummary"]
@@ -44,21 +46,34 @@ class PrepareSummary:
     bad_records: dict[str, int] = field(default_factory=dict)  # skipped bad records by reason
     bad_examples: list[str] = field(default_factory=list)  # first few skipped records (file:line: why)
     reasoning_not_rendered: int = 0  # records with reasoning the chat template does not show
+    kinds: dict[str, int] = field(default_factory=dict)  # good records read by kind (chat, text, tokens)
+    kept_by_kind: dict[str, int] = field(default_factory=dict)  # examples kept by the kind of their record
+    split_records: int = 0  # text / token records longer than max_length, split ...
+    split_examples: int = 0  # ... into this many pieces (those supervising nothing dropped)
     vocab_size: int = 0
     draft_vocab_size: int = 0
     coverage: float = 1.0
     mask_token_id: int | None = None
+    mask_token_reason: str = ""
 
     def format_summary(self) -> str:
-        """Human-readable summary: records, examples kept / dropped by reason, bad records skipped,
-        the tokenization strategy, tokens, length histogram, draft vocabulary and mask token."""
+        """Human-readable summary: records (by kind when not all chats), examples kept / dropped by reason,
+        bad records skipped, the tokenization strategy, tokens, length histogram, draft vocabulary and
+        mask token."""
         bad = sum(self.bad_records.values())
         lines = [f"records read: {self.read}" + (f" ({bad} bad, skipped)" if bad else "")]
         lines.append(f"examples kept: {self.kept} from {self.records_kept} records"
                      + (f" ({self.truncated} truncated)" if self.truncated else ""))
-        mask = "{% generation %} blocks" if self.mask_source == "generation" else "prefix rendering"
-        lines.append(f"assistant spans: {mask}; each turn supervised as generated at serving time")
-        lines += [f"  {s}: {n} records ({STRATEGY_TEXT.get(s, s)})" for s, n in _ranked(self.strategies)]
+        if set(self.kinds) - {CHAT}:
+            lines.append("records by kind: " + ", ".join(
+                f"{k} {n} ({self.kept_by_kind.get(k, 0)} examples)" for k, n in _ranked(self.kinds)))
+            if self.split_records:
+                lines.append(f"  split at max_length: {self.split_records} records into {self.split_examples} "
+                             "examples")
+        if self.kinds.get(CHAT) or not self.kinds:
+            mask = "{% generation %} blocks" if self.mask_source == "generation" else "prefix rendering"
+            lines.append(f"assistant spans: {mask}; each turn supervised as generated at serving time")
+            lines += [f"  {s}: {n} records ({STRATEGY_TEXT.get(s, s)})" for s, n in _ranked(self.strategies)]
         lines.append(f"examples dropped: {sum(self.dropped.values())}")
         lines += [f"  {reason}: {n}" for reason, n in _ranked(self.dropped)]
         lines += [f"  e.g. {err}" for err in self.errors]
@@ -80,5 +95,6 @@ class PrepareSummary:
             lines.append(f"draft vocabulary: {self.draft_vocab_size} of {self.vocab_size} tokens, covering "
                          f"{self.coverage:.2%} of supervised tokens")
         if self.mask_token_id is not None:
-            lines.append(f"mask_token_id: {self.mask_token_id}")
+            why = f" ({self.mask_token_reason})" if self.mask_token_reason else ""
+            lines.append(f"mask_token_id: {self.mask_token_id}{why}")
         return "\n".join(lines)

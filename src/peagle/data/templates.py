@@ -52,7 +52,8 @@ class ChatTokenization:
     """What one record gives: its examples (each kept or with a drop reason) and how it was split.
 
     ``strategy``: ONE_RENDERING, PER_TURN or GENERATION_FULL (None when the record failed as a
-    whole); ``reasoning_not_rendered``: assistant turns whose reasoning the template never shows.
+    whole, and for the text / token-id records of ``peagle.data.text``, which ``prepare`` wraps in
+    it too); ``reasoning_not_rendered``: assistant turns whose reasoning the template never shows.
     """
 
     examples: list[TokenizedExample]

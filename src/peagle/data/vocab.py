@@ -92,34 +92,82 @@ def _reserved_special_ids(tokenizer: Any) -> Iterable[int]:
             yield i
 
 
-def choose_mask_token_id(
+@dataclass(frozen=True)
+class MaskChoice:
+    """The draft's mask token and why it was chosen (``prepare`` prints it; the manifest records both)."""
+
+    token_id: int
+    reason: str
+
+
+def _template_ids(tokenizer: Any) -> set[int]:
+    """Ids the chat template itself writes (a system prompt, turns, the generation prompt): a mask token
+    must not be one of them even when the prepared data happens not to contain it. Empty without a template."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+    ids: set[int] = set()
+    for msgs in (messages, messages[1:]):
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception:  # no template, or one that refuses this shape: it writes nothing we can know
+            continue
+        ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _describe(tokenizer: Any, i: int) -> str:
+    return f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})"
+
+
+def choose_mask_token(
     tokenizer: Any,
     vocab_size: int,
     requested: int | str = "auto",
     token_counts_all: Tensor | None = None,
-) -> int:
-    """The draft's ``mask_token_id``: explicit (checked) or ``"auto"``.
+) -> MaskChoice:
+    """The draft's ``mask_token_id``: explicit (checked) or ``"auto"``, with the reason.
 
-    auto: the first embedding row the tokenizer never produces (len(tokenizer) ≤ id < vocab_size);
-    else the lowest reserved/unused special token that never occurs in the data; else an error
-    explaining how to choose one. Never falls back to pad/eos/unk (a bug of other P-EAGLE trainers:
-    the mask embedding would then be shared with a real token).
+    auto, in order: the first embedding row the tokenizer never produces (len(tokenizer) ≤ id <
+    vocab_size); the lowest reserved/unused special token absent from the data; the lowest added/special
+    token absent from the data that is not bos/eos/pad/unk and that the chat template never writes
+    (full vocabularies: SmolLM2, Llama-3 without reserved rows); the lowest-id token absent from the data
+    (and not written by the template). Never pad/eos/unk (a bug of other P-EAGLE trainers: the mask
+    embedding would then be shared with a real token). The data's counts are needed past the first rule.
     """
     if requested != "auto":
         try:
             mid = int(requested)
         except (TypeError, ValueError):
             raise ValueError(f"mask_token_id must be an integer or 'auto', got {requested!r}") from None
-        return check_mask_token(mid, vocab_size, token_counts_all)
+        return MaskChoice(check_mask_token(mid, vocab_size, token_counts_all), "given (--mask-token-id)")
     n_tok = len(tokenizer)
     if n_tok < vocab_size:
-        return n_tok
+        return MaskChoice(n_tok, f"the first spare embedding row: the tokenizer has {n_tok} tokens, the target "
+                                 f"{vocab_size} rows")
     counts = None if token_counts_all is None else torch.as_tensor(token_counts_all).reshape(-1)
+
+    def unused(i: int) -> bool:
+        return i < vocab_size and (counts is None or i >= counts.numel() or int(counts[i]) == 0)
+
     for i in _reserved_special_ids(tokenizer):
-        if i < vocab_size and (counts is None or i >= counts.numel() or int(counts[i]) == 0):
-            return i
-    raise ValueError(
-        f"no free mask token: the tokenizer uses all {vocab_size} embedding rows and has no unused "
-        "reserved special token; pass --mask-token-id N with a token id that never occurs in the data, "
-        "or resize the target's embeddings to add a spare row"
-    )
+        if unused(i):
+            return MaskChoice(i, f"reserved special token {_describe(tokenizer, i)}, absent from the data")
+    if counts is None:
+        raise ValueError(f"no free mask token: the tokenizer uses all {vocab_size} embedding rows and has no "
+                         "unused reserved special token; pass --mask-token-id N with an id that never occurs "
+                         "in the data")
+    roles = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id")
+    taboo = {i for i in (getattr(tokenizer, r, None) for r in roles) if isinstance(i, int)}
+    taboo |= _template_ids(tokenizer)
+    added = sorted(int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {}))
+    for i in added:
+        if unused(i) and i not in taboo:
+            return MaskChoice(i, f"added special token {_describe(tokenizer, i)}: absent from the data, not "
+                                 "bos/eos/pad/unk, never written by the chat template")
+    free = ((counts[:vocab_size] == 0).nonzero().squeeze(1)).tolist() + list(range(counts.numel(), vocab_size))
+    for i in free:
+        if i not in taboo:
+            return MaskChoice(i, f"token {_describe(tokenizer, i)}, the lowest id absent from the data (no spare "
+                                 "embedding row and no unused special token)")
+    raise ValueError(f"no free mask token: every one of the {vocab_size} token ids occurs in the data or is "
+                     "written by the chat template; resize the target's embeddings to add a spare row")

@@ -95,6 +95,7 @@ def tokenize_prompts(
     - ``{"input_ids": [...]}``: already tokenized (e.g. the prompt of a prepared held-out example), used as is.
     """
     from peagle.data.templates import resolve_chat_template
+    from peagle.data.text import encode_text
 
     template = chat_template or getattr(tokenizer, "chat_template", None) or None
     if isinstance(template, dict):
@@ -112,7 +113,7 @@ def tokenize_prompts(
             continue
         is_chat = "messages" in rec or "conversations" in rec
         if not is_chat and "prompt" not in rec:  # {"text": ...}
-            out.append(list(tokenizer(str(rec["text"]), add_special_tokens=True)["input_ids"]))
+            out.append(encode_text(tokenizer, str(rec["text"])))
             continue
         if is_chat:
             messages, tools = _chat_messages(rec, where)
@@ -121,7 +122,7 @@ def tokenize_prompts(
         elif template:
             messages, tools = [{"role": "user", "content": str(rec["prompt"])}], None
         else:
-            out.append(list(tokenizer(str(rec["prompt"]), add_special_tokens=True)["input_ids"]))
+            out.append(encode_text(tokenizer, str(rec["prompt"])))
             continue
         tpl = resolve_chat_template(tokenizer, template)
         try:

@@ -137,8 +137,9 @@ def compare_with_vllm(
     # near max_model_len: measured, +K+1 changed its counters, +19 did not), not the whole context (KV memory)
     longest = max(len(p) + b for p, b in zip(cs.prompt_ids, budgets, strict=True))
     engine_len = min(max_context, longest + 4 * (k + 1) + 64)
+    dtype = "bfloat16" if target.dtype == torch.bfloat16 else "float32"  # vLLM serves as the prediction ran
     served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
-                             max_model_len=engine_len)
+                             max_model_len=engine_len, dtype=dtype)
     out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}}
     for kk, res in served.items():
         offline = [m for r in rounds for m in r[kk]]
@@ -151,7 +152,7 @@ def compare_with_vllm(
         out["agrees"] &= agrees
         if not agrees:
             alone = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, [kk],
-                                    max_model_len=engine_len, per_prompt=True)[kk]["per_prompt"]
+                                    max_model_len=engine_len, dtype=dtype, per_prompt=True)[kk]["per_prompt"]
             out["differences"][str(kk)] = [
                 {"index": j, "offline_drafts": len(r[kk]), "offline_accepted": sum(r[kk]),
                  "vllm_drafts": row["num_drafts"], "vllm_accepted": row["num_accepted_tokens"]}

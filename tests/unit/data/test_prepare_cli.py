@@ -120,6 +120,10 @@ def test_prepare_skip_mode_summary(capsys, llama_dir, tmp_path) -> None:
     assert manifest["bad_records"]["counts"] == {"malformed_json": 1, "not_utf8": 1}
     assert load_prepared(out).draft_choice["mask_token_id"] == manifest["draft_vocab"][
         "mask_token_id"]
+    # llama_dir's model has 8 rows past its tokenizer: the first spare row, and the summary says why
+    mask = manifest["draft_vocab"]["mask_token_id"]
+    assert "spare embedding row" in manifest["draft_vocab"]["mask_token_reason"]
+    assert f"mask_token_id: {mask} (the first spare embedding row" in cap.out
 
 
 def test_train_refuses_a_dataset_prepared_with_another_tokenizer(capsys, llama_dir, tmp_path) -> None:
