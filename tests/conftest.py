@@ -1,4 +1,5 @@
-"""Shared session fixtures: a locally trained chat tokenizer and tiny Llama / Qwen3 targets on disk."""
+"""Shared session fixtures: a locally trained chat tokenizer, tiny Llama / Qwen3 targets on disk, and the real
+SmolLM2-135M-Instruct (``smollm2_dir``, from the ``real`` extra)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ def llama_dir(tmp_path_factory, chat_tokenizer):
 def qwen3_dir(tmp_path_factory, chat_tokenizer):
     """Tiny random Qwen3 target (8 layers → aux ids (2, 4, 5)), tokenizer saved alongside."""
     return tiny_target("qwen3", chat_tokenizer, tmp_path_factory.mktemp("qwen3"), num_layers=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a Hugging Face directory (``peagle.target.real_model``): built
+    once from the GGUF file of the ``real`` extra (~1.5 min, ~540 MB) and cached under $PEAGLE_CACHE or
+    ~/.cache/peagle/models; skipped, with the install command as reason, when the extra is missing."""
+    from peagle.target.real_model import RealModelUnavailable
+    from peagle.target.real_model import smollm2_dir as build
+
+    try:
+        return build(progress=False)
+    except RealModelUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="session")

@@ -152,3 +152,32 @@ def test_full_vocabulary_never_takes_what_the_template_writes(full_vocab_tokeniz
 def test_full_vocabulary_without_counts_is_a_clear_error(full_vocab_tokenizer):
     with pytest.raises(ValueError, match="--mask-token-id N"):
         choose_mask_token(full_vocab_tokenizer, len(full_vocab_tokenizer))
+
+
+def test_real_smollm2_prepare_picks_an_added_token_its_data_never_uses(smollm2_dir, tmp_path):
+    """SmolLM2-135M-Instruct: 49152 embedding rows, all used by the tokenizer, no reserved token. prepare's
+    default mask token is an added special token absent from the data, not bos/eos/pad, not templated."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from peagle.data import load_prepared, prepare
+    from peagle.target.hf import embedding_rows
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": f"count from {i} to {i + 4}"},
+        {"role": "assistant", "content": " ".join(str(j) for j in range(i, i + 5))}]}) + "\n" for i in range(6)))
+    rows = embedding_rows(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert rows == len(tok) == 49152  # no spare row
+    summary = prepare(chats, smollm2_dir, tmp_path / "prep", max_length=256, vocab_size=rows, progress=False)
+    p = load_prepared(summary.output_dir)
+    mask = p.draft_choice["mask_token_id"]
+    assert int(p.all_counts[mask]) == 0
+    assert mask in {int(i) for i in tok.added_tokens_decoder}
+    assert mask not in {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    rendered = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert mask not in tok(rendered, add_special_tokens=False)["input_ids"]
+    assert "added special token" in p.manifest["draft_vocab"]["mask_token_reason"]
