@@ -138,6 +138,9 @@ class TrainConfig:
         "auto", help="autocast dtype (fp32 master weights): auto = bf16 on CUDA; on a CPU bf16 where its bf16 "
         "matmuls measure >= 1.5x fp32 (AMX, AVX-512 BF16), else fp32; a resumed run keeps its choice")
     device: Literal["auto", "cpu", "cuda"] = _f("auto")
+    parallel: Literal["ddp", "fsdp"] = _f(
+        "ddp", help="data parallelism under torchrun: ddp (every rank holds the whole draft, gradients summed) "
+        "or fsdp (FSDP2: weights, gradients and AdamW state sharded over the ranks, per draft layer + the rest)")
     tensorboard: bool = _f(True)
     progress: bool = _f(True, help="show a progress bar")
     on_nonfinite: Literal["stop", "skip"] = _f(

@@ -242,26 +242,36 @@ class PEagleDraft(nn.Module):
             raw = json.load(f)
         check_peagle_config(raw, str(config_path))
         config = DraftConfig.from_speculators_config(raw)
-        with torch.device("meta"):
-            model = cls(config)
         with safe_open(str(weights_path), framework="pt", device=str(device)) as f:
             state = {k: f.get_tensor(k) for k in f.keys()}
+        return cls.from_state_dict(config, state, device=device, source=str(weights_path))
+
+    @classmethod
+    def from_state_dict(cls, config: DraftConfig, state: dict[str, torch.Tensor],
+                        device: str | torch.device = "cpu", source: str = "state dict") -> PEagleDraft:
+        """A draft holding exactly ``state``'s tensors (no copy, no initialisation: built on meta).
+
+        The one loader of whole drafts: `from_pretrained` and the copy gathered from FSDP shards
+        (`peagle.run.distributed.full_draft`) both come here, so both save the same bytes. ``d2t``/``t2d``
+        may be absent for a full vocabulary (`_omitted_keys`); any other missing, unexpected or
+        misshapen tensor is a ValueError naming ``source``.
+        """
+        with torch.device("meta"):
+            model = cls(config)
         omitted = [k for k in model._omitted_keys() if k not in state]  # (older exports carry them)
         expected = {k: v for k, v in model.state_dict().items() if k not in omitted}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"{weights_path}: missing keys {missing}, unexpected keys {unexpected}")
+            raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
         for key, ref in expected.items():
             got = state[key]
             if got.shape != ref.shape:
-                raise ValueError(
-                    f"{weights_path}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-                )
+                raise ValueError(f"{source}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
             if got.is_floating_point() != ref.is_floating_point() or (
                 not ref.is_floating_point() and got.dtype != ref.dtype
             ):
-                raise ValueError(f"{weights_path}: {key} has dtype {got.dtype}, expected {ref.dtype}")
+                raise ValueError(f"{source}: {key} has dtype {got.dtype}, expected {ref.dtype}")
         model.load_state_dict(state, strict=not omitted, assign=True)
         if omitted:  # identity vocabulary mapping: rebuild the buffers off meta
             model.d2t = nn.Buffer(torch.zeros(config.draft_vocab_size, dtype=torch.long, device=device))

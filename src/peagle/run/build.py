@@ -4,8 +4,9 @@
 and the target (cheap checks first: nothing heavy runs on a config that will be refused), then builds
 the data loader, the target (whole, or only its embeddings/norm/lm_head when states come from a
 cache), the draft — whose `DraftConfig`, built from the target's config.json, is the one place that
-validates the mask token, the vocabulary sizes and K —, the trainer (DDP-wrapped under torchrun),
-AdamW and its schedule, and the resumed state (docs/training.md).
+validates the mask token, the vocabulary sizes and K —, the trainer (under torchrun DDP-wrapped or
+FSDP2-sharded: ``train.parallel``), AdamW and its schedule, and the resumed state (docs/training.md).
+A checkpoint's weights are loaded into the whole draft before it is sharded; its AdamW state after.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from peagle.eval.continuations import ContinuationSet
 from peagle.model.config import DraftConfig, resolve_aux_layer_ids
 from peagle.model.draft import PEagleDraft
 from peagle.model.step import PEagleTrainer
-from peagle.run.distributed import Dist, all_reduce, init_distributed, wrap
+from peagle.run.distributed import Dist, all_reduce, full_draft, init_distributed, load_optimizer_state, wrap
 from peagle.run.loader import TrainData
 from peagle.run.optim import apply_optim_config, build_optimizer, lr_factor
 from peagle.run.resume import check_resume_vocab, resume_changes
@@ -39,6 +40,7 @@ from peagle.store.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_config_dict,
+    read_optimizer_state,
     resolve_resume,
     restore_rng,
 )
@@ -60,7 +62,7 @@ class Run:
     data: TrainData
     draft: PEagleDraft
     trainer: PEagleTrainer
-    model: nn.Module            # the trainer, DDP-wrapped under torchrun
+    model: nn.Module            # the trainer; under torchrun DDP-wrapped or FSDP2-sharded (train.parallel)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
@@ -82,6 +84,10 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
 
+    def full_draft(self) -> PEagleDraft | None:
+        """The whole draft on rank 0 (None on the others); under FSDP a gathered copy: every rank must call it."""
+        return full_draft(self.model, self.draft, self.d)
+
     def newest_checkpoint(self) -> Path | None:
         existing = list_checkpoints(self.out)
         return existing[-1][1] if existing else None
@@ -91,7 +97,7 @@ class Run:
 
 def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset[str] = frozenset()) -> Run:
     """Check the config against the dataset, target and checkpoint (cheap checks first), then build the run:
-    data, draft, trainer (DDP-wrapped under torchrun), optimizer, schedule, and the resumed state."""
+    data, draft, trainer (DDP-wrapped or FSDP2-sharded under torchrun), optimizer, schedule, resumed state."""
     out = Path(cfg.train.output_dir)
     ckpt, applied = _resume_point(cfg, out, resume, accepted)
     prepared, vocab_size, num_layers = _load_dataset(cfg)
@@ -113,23 +119,40 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
     if cache is not None and d.device.type == "cpu":
         cache.dtype = torch.float32  # bf16 on disk; fp32 inputs on CPU (autocast casts where train.dtype is bf16)
     total = cfg.train.max_steps or sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
-    optimizer, scheduler = build_optimizer(draft, cfg.optim, total)
-    state = TrainState(rows_per_step=rows_per_step, world_size=d.world)
+    state, rngs = TrainState(rows_per_step=rows_per_step, world_size=d.world), None
+    if ckpt is not None:  # the weights, into the whole draft (sharded below)
+        state, rngs = load_checkpoint(ckpt, model=draft, verify=False)
+    state.autocast_dtype, why = _autocast_dtype(cfg.train.dtype, d, state.autocast_dtype)
+    bf16 = state.autocast_dtype == "bf16"
+    bf16_params = bf16 and d.device.type == "cuda"  # FSDP2's mixed-precision policy (CUDA only)
+    model = wrap(trainer, d, cfg.train.parallel, bf16_params=bf16_params)
+    optimizer, scheduler = build_optimizer(draft, cfg.optim, total)  # over the parameters as wrapped (shards)
+    next_lr = None
     if ckpt is not None:
-        state, next_lr = _restore(ckpt, draft, optimizer, scheduler, cfg, d, rows_per_step, total)
+        next_lr = _restore(ckpt, state, rngs, model, draft, optimizer, scheduler, cfg, d, total)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     logger = RunLogger(cfg, out, total, state.step, d.main)
     if ckpt is not None:
         _log_resume(logger, cfg, ckpt, state, applied, next_lr, total)
-    state.autocast_dtype, why = _autocast_dtype(cfg.train.dtype, d, state.autocast_dtype)
     logger.write(f"train.dtype {cfg.train.dtype}: {state.autocast_dtype} ({why})")
-    return Run(cfg=cfg, d=d, out=out, data=data, draft=draft, trainer=trainer, model=wrap(trainer, d),
+    if d.active:
+        logger.write(_describe_parallel(cfg.train.parallel, d, bf16_params))
+    return Run(cfg=cfg, d=d, out=out, data=data, draft=draft, trainer=trainer, model=model,
                optimizer=optimizer, scheduler=scheduler, state=state, total=total,
                source=cache if cache is not None else target, target=target if al_prompts else None,
                al_prompts=al_prompts, logger=logger, last_saved=state.step if ckpt is not None else -1,
-               autocast_bf16=state.autocast_dtype == "bf16")
+               autocast_bf16=bf16)
+
+
+def _describe_parallel(parallel: str, d: Dist, bf16_params: bool) -> str:
+    """The log line naming the data parallelism in use."""
+    if parallel == "ddp":
+        return f"train.parallel ddp: {d.world} ranks, each holding the whole draft, gradients summed"
+    precision = "bf16 compute weights, fp32 gradient reduction" if bf16_params else "fp32"
+    return (f"train.parallel fsdp: FSDP2 over {d.world} ranks (one group per draft layer + the root), weights, "
+            f"gradients and AdamW state sharded, gradients summed; {precision}; fp32 master weights")
 
 
 def _resume_point(cfg: Config, out: Path, resume: str | None, accepted: set[str] | frozenset[str]
@@ -151,19 +174,20 @@ def _resume_point(cfg: Config, out: Path, resume: str | None, accepted: set[str]
     return ckpt, resume_changes(load_config_dict(ckpt), cfg, accepted, ckpt, step)
 
 
-def _restore(ckpt: Path, draft: PEagleDraft, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config, d: Dist, rows_per_step: int, total: int
-             ) -> tuple[TrainState, float]:
-    """Load the checkpoint into the draft/optimizer/RNG, apply this config's optimisation from its step;
-    returns the state and the lr of the next step."""
-    state, rngs = load_checkpoint(ckpt, model=draft, optimizer=optimizer, verify=False)
+def _restore(ckpt: Path, state: TrainState, rngs: list[dict[str, Any]], model: nn.Module, draft: PEagleDraft,
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config, d: Dist,
+             total: int) -> float:
+    """Load the checkpoint's AdamW state (the weights are in already), its schedule and this rank's RNG;
+    apply this config's optimisation from its step and this run's batch geometry; returns the next lr."""
+    load_optimizer_state(model, draft, optimizer, d, lambda: read_optimizer_state(ckpt))
     scheduler.load_state_dict(state.scheduler)
     next_lr = apply_optim_config(optimizer, scheduler, cfg.optim, state.step, total)
     restore_rng(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
+    rows_per_step = d.world * cfg.train.grad_accum * cfg.train.micro_batch_size
     if state.rows_per_step != rows_per_step:
         state.row_in_epoch = (state.row_in_epoch // rows_per_step) * rows_per_step
     state.rows_per_step, state.world_size = rows_per_step, d.world
-    return state, next_lr
+    return next_lr
 
 
 def _log_resume(logger: RunLogger, cfg: Config, ckpt: Path, state: TrainState, applied: list[str],

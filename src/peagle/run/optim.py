@@ -71,10 +71,16 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.
 
 
 def grad_norm(params: list[Tensor], clip: float | None) -> float:
-    """Global gradient norm (clipping to ``clip`` when set)."""
-    if clip is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    """Global gradient norm (clipping to ``clip`` when set). FSDP2 gradients are shards (DTensors): their
+    norm is reduced over the ranks, and every rank clips its shards by that one norm."""
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.nn.utils.get_total_norm(grads))
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total)
+    return float(total)

@@ -1,9 +1,10 @@
 """Resuming with a changed config: which keys may differ from the checkpoint's, and how.
 
-FREE keys (how long, how often, where to log, how to compute the same thing) are applied and logged;
-ACCEPTABLE ones change the optimisation from the resumed step and need ``--accept-change KEY``; every
-other key (the draft's shape and vocabulary, the data split and order, initialisation) cannot change
-on resume. A refusal lists every difference in one line (docs/training.md, "Resume").
+FREE keys (how long, how often, where to log, how to compute the same thing — ``train.parallel`` too: DDP
+and FSDP checkpoints are one layout, the whole draft and AdamW state, and both sum the same gradients)
+are applied and logged; ACCEPTABLE ones change the optimisation from the resumed step and need
+``--accept-change KEY``; every other key (the draft's shape and vocabulary, the data split and order,
+initialisation) cannot change on resume. A refusal lists every difference in one line (docs/training.md, "Resume").
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ __all__ = ["RESUME_FREE", "RESUME_ACCEPTABLE", "why_fixed", "config_changes", "p
 RESUME_FREE = frozenset({
     "train.max_steps", "train.epochs", "train.save_every", "train.keep_last", "train.eval_every",
     "train.log_every", "train.progress", "train.tensorboard", "train.output_dir", "train.on_nonfinite",
-    "train.device", "model.sequence_partitions", "model.activation_checkpointing", "model.target_name",
-    "model.trust_remote_code", "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens",
+    "train.device", "train.parallel", "model.sequence_partitions", "model.activation_checkpointing",
+    "model.target_name", "model.trust_remote_code", "eval.enabled", "eval.prompts", "eval.num_prompts",
+    "eval.max_new_tokens",
 })
 RESUME_ACCEPTABLE = frozenset({
     "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr_ratio",

@@ -7,10 +7,10 @@ One optimizer step consumes ``G = world_size × grad_accum × micro_batch_size``
 current epoch (`data.loader.TrainData`), so the union of a step's rows depends only on G. The loss of
 every forward is its KL sum divided by ONE count: the supervised COD elements of the whole optimizer
 step (counted from each micro-batch's COD layout before the target runs, all-reduced over ranks).
-Gradients are summed over ranks (`distributed.wrap`), so W ranks × A micro-batches give the gradient
-of one process on the union batch. Exact resume: a checkpoint holds the draft, AdamW moments,
-scheduler, RNG states and the data position; SIGINT/SIGTERM finish the step, save, and ``peagle
-train`` exits 130 (docs/training.md).
+Gradients are summed over ranks (`distributed.wrap`: DDP, or FSDP2 with ``train.parallel: fsdp``), so
+W ranks × A micro-batches give the gradient of one process on the union batch. Exact resume: a
+checkpoint holds the draft, AdamW moments, scheduler, RNG states and the data position;
+SIGINT/SIGTERM finish the step, save, and ``peagle train`` exits 130 (docs/training.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,17 @@ from peagle.eval.continuations import ContinuationSet
 from peagle.eval.tables import acceptance_on
 from peagle.model.step import StepMetrics
 from peagle.run.build import Run, build
-from peagle.run.distributed import Dist, all_reduce, barrier, gather_objects, sync_unless
+from peagle.run.distributed import (
+    Dist,
+    all_reduce,
+    barrier,
+    full_optimizer_state,
+    gather_objects,
+    is_sharded,
+    local_shard,
+    sync_unless,
+)
+from peagle.run.loader import MicroBatch
 from peagle.run.optim import grad_norm
 from peagle.run.resume import parse_accept_changes
 from peagle.run.runlog import quiet_hf_progress, write_report
@@ -154,8 +164,9 @@ def train_loop(run: Run, stop_after: int | None = None) -> TrainResult:
 def _finish(run: Run, result: TrainResult) -> None:
     """The end of a complete run: final validation, the export to ``final/`` and report.md (rank 0)."""
     result.last_val = validate(run) or result.last_val
-    if run.d.main:
-        result.export_dir = export_draft(run.draft, run.out / FINAL_DIR, overwrite=True)
+    draft = run.full_draft()
+    if draft is not None:  # rank 0
+        result.export_dir = export_draft(draft, run.out / FINAL_DIR, overwrite=True)
         run.logger.write(f"exported the draft to {result.export_dir}")
         result.report = write_report(run.out, run.cfg, result, run.draft.config)
         run.logger.write(f"report: {result.report}")
@@ -203,7 +214,7 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
                 loss_sum += res.loss.detach().double()
                 metrics = metrics + res.metrics
         del batch
-    norm = grad_norm(run.params, cfg.optim.grad_clip)  # global: DDP gradients are already reduced
+    norm = grad_norm(run.params, cfg.optim.grad_clip)  # global: gradients are reduced (FSDP: shards, one norm)
     step_loss = float(all_reduce(loss_sum.reshape(1), d).item())
     lr = run.optimizer.param_groups[0]["lr"]
     skipped = not (math.isfinite(step_loss) and math.isfinite(norm))
@@ -289,13 +300,14 @@ def validate(run: Run) -> dict[str, float]:
     rec: dict[str, Any] = {"step": run.state.step, "split": "val"}
     if run.data.val_rows:
         rec.update(_validation_metrics(run))
-    if run.al_prompts and run.d.main:
+    draft = run.full_draft() if run.al_prompts else None  # all ranks join the gather under FSDP
+    if draft is not None:  # rank 0
         k = run.trainer.num_depths
         if run.continuations is None:
             run.continuations = ContinuationSet.prepare(
                 run.target, run.al_prompts, run.cfg.eval.max_new_tokens, limit=run.cfg.eval.num_prompts,
                 lookahead=k - 1, progress=False)
-        acc = acceptance_on(run.draft, run.continuations, k)
+        acc = acceptance_on(draft.to(run.d.device), run.continuations, k)
         rec["acceptance_length"] = float(acc["acceptance_length"])
         rec.update({f"al_k{kk}": float(v) for kk, v in acc["acceptance_length_by_k"].items()})
         rec.update({f"accept_pos{i + 1}": float(r) for i, r in enumerate(acc.get("per_position", []))})
@@ -309,20 +321,40 @@ def validate(run: Run) -> dict[str, float]:
 
 
 def _validation_metrics(run: Run) -> dict[str, float]:
+    """Loss and accuracy over the validation rows (each rank its share, summed over ranks), unit by unit
+    as in training (a partitioned trainer runs a batch only through its units)."""
     was_training = run.trainer.training
     run.trainer.eval()
     total = StepMetrics.zeros(run.trainer.num_depths)
-    for m in run.data.val_micro_batches(run.d.rank, run.d.world, VAL_EPOCH):
+    for m, counted in _val_micro_batches(run):
         batch = m.with_states(run.source, run.d.device)
-        with run.autocast():
-            total = total + run.trainer(batch).metrics
+        for unit in run.trainer.units(batch):
+            with run.autocast():
+                out = run.trainer(unit)
+            if counted:
+                total = total + out.metrics
     run.trainer.train(was_training)
     return StepMetrics.from_tensor(all_reduce(total.as_tensor().to(run.d.device), run.d).cpu()).summary()
 
 
+def _val_micro_batches(run: Run) -> list[tuple[MicroBatch, bool]]:
+    """This rank's validation micro-batches, each with whether its metrics count. Under FSDP a forward is
+    a collective (it gathers the weights), so every rank runs as many as the rank with the most: the
+    others repeat one and drop its metrics."""
+    d = run.d
+    mine = [(m, True) for m in run.data.val_micro_batches(d.rank, d.world, VAL_EPOCH)]
+    if is_sharded(run.model):
+        most = max(gather_objects(len(mine), d))
+        filler = mine[-1][0] if mine else next(run.data.val_micro_batches(0, d.world, VAL_EPOCH))
+        mine += [(filler, False)] * (most - len(mine))
+    return mine
+
+
 def save(run: Run) -> Path | None:
-    """Checkpoint the run atomically (rank 0 writes; every rank's RNG state is kept); refuses a non-finite draft."""
-    bad = [n for n, p in run.draft.named_parameters() if not bool(torch.isfinite(p).all())]
+    """Checkpoint the run atomically (rank 0 writes the whole draft and AdamW state, gathered under FSDP;
+    every rank's RNG state is kept); refuses a non-finite draft."""
+    local = [n for n, p in run.draft.named_parameters() if not bool(torch.isfinite(local_shard(p)).all())]
+    bad = sorted({n for names in gather_objects(local, run.d) for n in names})
     if bad:  # never let a non-finite draft rotate good checkpoints out
         raise NonFiniteError(
             f"non-finite weights ({', '.join(bad[:3])}) after step {run.state.step}: not saved; "
@@ -330,9 +362,11 @@ def save(run: Run) -> Path | None:
         )
     run.state.scheduler = run.scheduler.state_dict()
     rngs = gather_objects(capture_rng(), run.d)
+    draft = run.full_draft()
+    optimizer = full_optimizer_state(run.model, run.draft, run.optimizer, run.d)
     path = None
-    if run.d.main:
-        path = save_checkpoint(run.out, run.state, model=run.draft, optimizer=run.optimizer, rng_states=rngs,
+    if draft is not None and optimizer is not None:  # rank 0
+        path = save_checkpoint(run.out, run.state, model=draft, optimizer=optimizer, rng_states=rngs,
                                config=config_to_dict(run.cfg), keep_last=run.cfg.train.keep_last)
         run.logger.write(f"saved checkpoint {path}")
     barrier(run.d)

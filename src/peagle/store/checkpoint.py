@@ -3,7 +3,7 @@
 Layout of ``<output_dir>/step-00000042/``::
 
     draft/config.json, draft/model.safetensors   the draft (speculators format, `PEagleDraft.save_pretrained`)
-    optimizer.pt                                 AdamW state
+    optimizer.pt                                 AdamW ``state_dict()`` (parameters by index; whole under FSDP too)
     rng.pt                                       RNG states of every rank (python, numpy, torch, cuda)
     trainer_state.json                           step, data position, scheduler state, world geometry
     config.yaml                                  the run config
@@ -43,6 +43,7 @@ __all__ = [
     "resolve_resume",
     "save_checkpoint",
     "load_checkpoint",
+    "read_optimizer_state",
     "capture_rng",
     "restore_rng",
 ]
@@ -231,7 +232,7 @@ def save_checkpoint(
     state: TrainState,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     rng_states: list[dict[str, Any]],
     config: dict[str, Any],
     keep_last: int | None = None,
@@ -239,6 +240,8 @@ def save_checkpoint(
     """Write the checkpoint of ``state.step`` atomically; prune to ``keep_last``; return its path.
 
     Call on one process only (rank 0); ``rng_states`` holds every rank's :func:`capture_rng`.
+    ``model`` is the whole draft and ``optimizer`` the optimizer or its ``state_dict()`` (what a sharded
+    run gathers: `peagle.run.distributed.full_optimizer_state`), so every run writes one layout.
     A failed write (disk full, I/O error) removes its partial files and raises :class:`CheckpointError`;
     the previous checkpoints are untouched (pruning only follows a complete write).
     """
@@ -287,7 +290,7 @@ def _write_checkpoint(
     tmp: Path,
     state: TrainState,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     rng_states: list[dict[str, Any]],
     config: dict[str, Any],
 ) -> None:
@@ -295,7 +298,7 @@ def _write_checkpoint(
     import yaml
 
     _save_model(model, tmp / "draft")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_states, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(
         json.dumps({"format": FORMAT_VERSION, **state.__dict__}, indent=2, default=_json_default)
@@ -361,9 +364,14 @@ def load_checkpoint(
                 f"unexpected {sorted(unexpected)[:4]}): was the model config changed?"
             )
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(read_optimizer_state(path))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     return state, rng
+
+
+def read_optimizer_state(path: str | Path) -> dict[str, Any]:
+    """The AdamW ``state_dict()`` stored in checkpoint ``path`` (on the CPU)."""
+    return torch.load(Path(path) / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
 def load_config_dict(path: str | Path) -> dict[str, Any]:
