@@ -52,22 +52,24 @@ class Case:
     prompts: Path  # held-out prompts (JSONL)
 
 
-def _regenerate(target_dir: Path, prompts: list[str], path: Path) -> None:
-    """Chats whose assistant turns the target wrote greedily (as P-EAGLE recipes train)."""
+def _regenerate(target_dir: Path, prompts: list[str], path: Path, *, text: bool = False) -> None:
+    """Chats whose assistant turns the target wrote greedily (as P-EAGLE recipes train); with `text`, plain
+    ``{"text": prompt + continuation}`` records (a base model continuing each prompt, no chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peagle.eval import greedy_generate, tokenize_prompts
 
     tok = AutoTokenizer.from_pretrained(target_dir)
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    ids = tokenize_prompts(tok, [{"prompt": p} for p in prompts])
+    ids = tokenize_prompts(tok, [{"text" if text else "prompt": p} for p in prompts])
     stops = list(model.generation_config.eos_token_id)
     gens = greedy_generate(model, ids, [NEW_TOKENS] * len(ids), stops, tok.pad_token_id, batch_size=32)
     with open(path, "w") as f:
         for p, g in zip(prompts, gens, strict=True):
             answer = tok.decode(g.tokens[:-1] if g.stop_reason == "eos" else g.tokens, skip_special_tokens=True)
-            f.write(json.dumps({"messages": [{"role": "user", "content": p},
-                                             {"role": "assistant", "content": answer}]}) + "\n")
+            record = {"text": p + answer} if text else {"messages": [{"role": "user", "content": p},
+                                                                      {"role": "assistant", "content": answer}]}
+            f.write(json.dumps(record) + "\n")
 
 
 def _text_tokens_only(target_dir: Path) -> None:

@@ -129,8 +129,9 @@ def _train(built: Built, cache: Path, out: Path) -> tuple[dict[str, torch.Tensor
         "data": {"dataset": str(built.data), "cache": str(cache), "max_length": MAX_LENGTH},
         "model": {"target": str(built.target), "num_layers": 1, "num_depths": 3},
         "optim": {"lr": LR, "warmup_steps": 2},
+        # fp32: the comparison is to fp32 rounding (`train.dtype: auto` may pick bf16 autocast on a CPU)
         "train": {"output_dir": str(out), "micro_batch_size": 4, "max_steps": 8, "save_every": 0,
-                  "progress": False, "tensorboard": False, "device": "cpu"},
+                  "progress": False, "tensorboard": False, "device": "cpu", "dtype": "fp32"},
     }
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(out.parent / f"{out.name}.yaml")]) == 0

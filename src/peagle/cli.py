@@ -307,7 +307,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from peagle.data.records import DataError
     from peagle.eval.errors import EvalError
     from peagle.eval.literal import check_exact
-    from peagle.eval.run import check_outputs, evaluate, load_draft
+    from peagle.eval.run import check_outputs, check_vllm_serves, evaluate, load_draft
     from peagle.target.hf import Target, TargetError
     from peagle.target.vllm_engine import VLLMError
 
@@ -317,6 +317,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
         check_outputs(args.out, args.json)
+        if args.engine == "vllm":
+            check_vllm_serves(args.target)  # before the target loads
         draft = load_draft(args.draft)
         # the target's states at the draft's own aux layers (in increasing order, as vLLM feeds them)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

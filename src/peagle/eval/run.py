@@ -1,14 +1,17 @@
 """`evaluate()`: the whole `peagle eval` run as a library call, and the checks around it.
 
 Before any work: `check_outputs` (usable --out / --json paths), `load_draft` (export, checkpoint or run
-directory), `check_verifier` (the draft was trained for this target). Then prepare the continuations,
-score the draft in one pass, simulate vLLM's rounds for every K' ≤ K, and report (table, JSON, PNGs).
-With a speculators-format draft directory, `compare_with_vllm` serves the same prompts in the real
-vLLM and puts its counters beside the prediction (docs/evaluation.md, "--engine vllm").
+directory), `check_verifier` (the draft was trained for this target), and with --engine vllm
+`check_vllm_serves` (the installed vLLM supports EAGLE-3 drafts for the target's architecture). Then
+prepare the continuations, score the draft in one pass, simulate vLLM's rounds for every K' ≤ K, and
+report (table, JSON, PNGs). With a speculators-format draft directory, `compare_with_vllm` serves the
+same prompts in the real vLLM and puts its counters beside the prediction (docs/evaluation.md,
+"--engine vllm").
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +27,7 @@ from peagle.eval.rounds import metrics_by_k, per_position_counts, rounds_by_k, s
 from peagle.eval.tables import draft_token_tables
 from peagle.model.draft import PEagleDraft
 
-__all__ = ["check_outputs", "check_verifier", "compare_with_vllm", "evaluate", "load_draft"]
+__all__ = ["check_outputs", "check_verifier", "check_vllm_serves", "compare_with_vllm", "evaluate", "load_draft"]
 
 
 def evaluate(
@@ -64,6 +67,8 @@ def evaluate(
                         f"has {target.vocab_size}: is it the draft of this target?")
     if not allow_other_target:
         check_verifier(draft, target, tokenizer)
+    if vllm_draft_dir is not None:
+        check_vllm_serves(target)  # before the continuations: a refusal costs no generation
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     if isinstance(prompts, ContinuationSet):
@@ -131,6 +136,7 @@ def compare_with_vllm(
     """
     from peagle.target.vllm_engine import served_counters
 
+    check_vllm_serves(target)
     budgets = [min(cs.max_new_tokens, max_context - len(p)) for p in cs.prompt_ids]
     stops = stop_token_ids(target, load_tokenizer(target))
     # room for the longest request plus generous room for its last rounds' draft slots (vLLM clips drafts
@@ -159,6 +165,25 @@ def compare_with_vllm(
                 for j, (r, row) in enumerate(zip(rounds, alone, strict=True))
                 if (len(r[kk]), sum(r[kk])) != (row["num_drafts"], row["num_accepted_tokens"])]
     return out
+
+
+def check_vllm_serves(target: Any) -> None:
+    """Stop (VLLMError, one line) before any vLLM engine starts when the installed vLLM's model class for the
+    target's architecture lacks EAGLE-3 support: vLLM itself would refuse only after starting an engine.
+
+    target: a loaded `Target`, or the target's directory (its config.json read: checked before loading it).
+    """
+    from peagle.target.vllm_engine import check_eagle3_support
+
+    if isinstance(target, str | Path):
+        try:
+            config = json.loads((Path(target) / "config.json").read_text())
+        except (OSError, ValueError):
+            return  # not a readable model directory: loading the target says what is wrong
+        architectures = config.get("architectures") if isinstance(config, dict) else None
+    else:
+        architectures = getattr(getattr(target, "hf_config", None), "architectures", None)
+    check_eagle3_support(list(architectures or []))
 
 
 def load_draft(path: str | Path, device: str | torch.device = "cpu") -> PEagleDraft:

