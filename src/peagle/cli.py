@@ -294,6 +294,10 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--engine", choices=("offline", "vllm"), default="offline",
                    help="offline: peagle's exact prediction (no vLLM needed); vllm: also serve target + draft in "
                         "vLLM (parallel drafting, greedy, one engine per K') and print vLLM's own counters beside it")
+    p.add_argument("--near-tie", type=float, default=None, metavar="MARGIN",
+                   help="--engine vllm: an output that differs from HF's greedy one where the target's logit margin "
+                        "between the two engines' tokens is at most MARGIN on both engines is a near-tie (engine "
+                        "numerics: reported, exit 0); default 0.05 in fp32, 1.0 in bf16 (docs/evaluation.md)")
     p.add_argument("--allow-other-target", action="store_true",
                    help="evaluate even when the draft records another target (shape, tokenizer, weights)")
     p.add_argument("--no-progress", action="store_true")
@@ -301,7 +305,8 @@ def _add_eval(sub: Any) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """`peagle eval`: 0 ok, 1 bad input (one line ``peagle eval: error: ...``), 3 the literal loop
-    disagrees (--check-exact), 4 vLLM's counters differ from the offline prediction (--engine vllm)."""
+    disagrees (--check-exact), 4 vLLM disagrees with the offline prediction (--engine vllm): a draft
+    disagreement, or an output that differs from HF's greedy one at a margin that is not a near-tie."""
     import torch
 
     from peagle.data.records import DataError
@@ -316,6 +321,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise EvalError("--max-new-tokens must be >= 1")
         if args.batch_size < 1:
             raise EvalError("--batch-size must be >= 1")
+        if args.near_tie is not None and not args.near_tie >= 0:
+            raise EvalError("--near-tie must be a logit margin >= 0")
         check_outputs(args.out, args.json)
         if args.engine == "vllm":
             check_vllm_serves(args.target)  # before the target loads
@@ -336,8 +343,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(target, draft, args.prompts, args.max_new_tokens, args.num_speculative_tokens,
                           out_dir=args.out, json_path=json_path, chat_template=args.chat_template,
                           batch_size=args.batch_size, progress=not args.no_progress, vllm_draft_dir=vllm_dir,
-                          allow_other_target=args.allow_other_target)
-        if vllm_dir is not None and not result.vllm["agrees"]:
+                          allow_other_target=args.allow_other_target, near_tie=args.near_tie)
+        if vllm_dir is not None and not result.vllm["ok"]:
             return 4
         if args.check_exact:
             bad = check_exact(target, draft, args.prompts, result.prompts, result.num_speculative_tokens,

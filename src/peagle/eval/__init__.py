@@ -22,6 +22,8 @@ The pipeline, one module per stage::
     report.py   EvalResult, format_report, write_json, write_plots
     run.py      evaluate() ties it together; check_verifier, load_draft, check_outputs,
                 compare_with_vllm (--engine vllm: the real vLLM's counters beside the prediction)
+    agreement.py  why vLLM differs where it does: output differences at near-ties (engine numerics)
+                apart from draft disagreements (pure functions; compare_with_vllm supplies the margins)
     literal.py  literal_speculative_decode: the round-by-round proof loop (check_exact, --check-exact)
 
 `peagle.cli` parses `peagle eval` and calls these functions; `EvalError` (errors.py) is the one-line

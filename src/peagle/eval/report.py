@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["END_CONVENTION", "USEFUL_CONVENTION", "EvalResult", "format_report", "write_json", "write_plots"]
+__all__ = [
+    "END_CONVENTION", "USEFUL_CONVENTION", "EvalResult", "format_report", "format_vllm_agreement", "write_json",
+    "write_plots",
+]
 
 END_CONVENTION = (
     "vLLM's counters: rounds while the request runs after its bonus token (a+2 <= T-1); in the last round "
@@ -125,10 +128,7 @@ def format_report(result: EvalResult, max_prompt_rows: int = 20) -> str:
         lines += [f"vLLM accepted tokens per position at K={k}: {served['accepted_per_position']} "
                   f"(offline {served['offline']['accepted_per_position']}); outputs equal to the offline "
                   f"continuations: {served['outputs_equal_offline']}/{len(result.prompts)}"]
-        for kk, rows in result.vllm["differences"].items():
-            lines += [f"K={kk}: prompts whose counters differ (offline vs vLLM drafts / accepted): "
-                      + ", ".join(f"#{d['index']} {d['offline_drafts']}/{d['offline_accepted']} vs "
-                                  f"{d['vllm_drafts']}/{d['vllm_accepted']}" for d in rows[:20])]
+        lines += format_vllm_agreement(result.vllm, len(result.prompts))
         lines.append("")
     lines.append(f"{'prompt':>6}  {'prompt tok':>10}  {'new tok':>7}  {'stop':>7}  {'drafts':>6}  {'AL':>6}")
     for p in result.prompts[:max_prompt_rows]:
@@ -137,6 +137,43 @@ def format_report(result: EvalResult, max_prompt_rows: int = 20) -> str:
     if len(result.prompts) > max_prompt_rows:
         lines.append(f"  … {len(result.prompts) - max_prompt_rows} more prompts in the JSON output")
     return "\n".join(lines)
+
+
+def _margin(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_vllm_agreement(vllm: Mapping[str, Any], num_prompts: int, max_rows: int = 20) -> list[str]:
+    """The lines that say where and why vLLM differs from the prediction (`peagle.eval.agreement`)."""
+    if "ok" not in vllm:  # a result written before the classification existed
+        return []
+    thr = vllm["near_tie_threshold"]
+    n_out, n_draft = len(vllm["prompts_outputs_differ"]), len(vllm["prompts_draft_disagrees"])
+    lines = [f"vLLM vs the prediction ({vllm.get('dtype', 'fp32')}; near-tie: logit margin <= {thr:g} on both "
+             f"engines): {n_out}/{num_prompts} prompts whose outputs differ (engine numerics), {n_draft} with a "
+             f"draft disagreement -> " + ("OK" if vllm["ok"] else "FAIL")]
+    for kk, rows in vllm["differences"].items():
+        c = vllm["by_k"][kk]
+        lines.append(f"K={kk}: outputs differ on {c['outputs_differ']} prompts ({c['near_ties']} near-ties, "
+                     f"{c['not_near_ties']} not), draft disagreements on {c['draft_disagreements']}")
+        for d in rows[:max_rows]:
+            counts = (f"drafts/accepted offline {d['offline_drafts']}/{d['offline_accepted']}, "
+                      f"vLLM {d['vllm_drafts']}/{d['vllm_accepted']}")
+            if d["kind"] == "output":
+                verdict = "near-tie" if d["near_tie"] else "NOT a near-tie"
+                lines.append(f"  #{d['index']} output differs at token {d['position']} (HF {d['offline_token']}, "
+                             f"vLLM {d['vllm_token']}): logit margin between the two HF {_margin(d.get('hf_margin'))}, "
+                             f"vLLM {_margin(d.get('vllm_margin'))} (top-2 margins {_margin(d.get('hf_top2_margin'))}, "
+                             f"{_margin(d.get('vllm_top2_margin'))}) -> {verdict}; {counts}")
+            elif d["kind"] == "lookahead":
+                lines.append(f"  #{d['index']} last round reads past the end (tokens {d['lookahead']}), HF margin "
+                             f"{_margin(d.get('hf_lookahead_margin'))} there -> near-tie; {counts}")
+            else:
+                where = "" if d["position"] is None else f", before the outputs differ at token {d['position']}"
+                lines.append(f"  #{d['index']} DRAFT DISAGREES at round {d['round']}{where}; {counts}")
+        if len(rows) > max_rows:
+            lines.append(f"  … {len(rows) - max_rows} more in the JSON output (vllm.differences)")
+    return lines
 
 
 def write_plots(result: EvalResult, out_dir: str | Path) -> dict[str, str]:

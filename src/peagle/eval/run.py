@@ -5,8 +5,8 @@ directory), `check_verifier` (the draft was trained for this target), and with -
 `check_vllm_serves` (the installed vLLM supports EAGLE-3 drafts for the target's architecture). Then
 prepare the continuations, score the draft in one pass, simulate vLLM's rounds for every K' ≤ K, and
 report (table, JSON, PNGs). With a speculators-format draft directory, `compare_with_vllm` serves the
-same prompts in the real vLLM and puts its counters beside the prediction (docs/evaluation.md,
-"--engine vllm").
+same prompts in the real vLLM, puts its counters beside the prediction and says why they differ where
+they do (`peagle.eval.agreement`; docs/evaluation.md, "--engine vllm").
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def evaluate(
     print_report: bool = True,
     vllm_draft_dir: str | Path | None = None,
     allow_other_target: bool = False,
+    near_tie: float | None = None,
 ) -> EvalResult:
     """Exact offline acceptance of `draft` on `target`'s greedy continuations of `prompts`.
 
@@ -53,7 +54,9 @@ def evaluate(
     `ContinuationSet`. K defaults to the draft's trained `num_speculative_tokens`. Writes the JSON
     (`json_path`) and the PNG plots (`out_dir`), prints the table, returns an `EvalResult`. With
     `vllm_draft_dir` (the draft in speculators format) the real vLLM also serves target + draft on the
-    same prompts and its own counters go beside the prediction (`EvalResult.vllm`).
+    same prompts and its own counters go beside the prediction (`EvalResult.vllm`), with the prompts where
+    they differ classified (`compare_with_vllm`; `near_tie`: the near-tie threshold in logits, default per
+    precision).
     """
     trained_k = int(draft.config.num_speculative_tokens)
     k = int(num_speculative_tokens if num_speculative_tokens is not None else trained_k)
@@ -87,7 +90,7 @@ def evaluate(
     if vllm_draft_dir is not None:
         t2 = time.perf_counter()
         result.vllm = compare_with_vllm(cs, rounds_by_k(cs, tables, k), target, vllm_draft_dir, k,
-                                        max_context=context_length(target, draft))
+                                        max_context=context_length(target, draft), near_tie=near_tie)
         timing["vllm_s"] = time.perf_counter() - t2
     if out_dir is not None:
         result.files.update(write_plots(result, out_dir))
@@ -126,14 +129,20 @@ def check_verifier(draft: PEagleDraft, target: Any, tokenizer: Any = None) -> No
 
 def compare_with_vllm(
     cs: ContinuationSet, rounds: list[dict[int, list[int]]], target: Any, draft_dir: str | Path, k: int,
-    *, max_context: int,
+    *, max_context: int, near_tie: float | None = None,
 ) -> dict[str, Any]:
-    """Serve `cs`'s prompts in the real vLLM for K' = 1..k; its counters beside the offline prediction.
+    """Serve `cs`'s prompts in the real vLLM for K' = 1..k; its counters beside the offline prediction, and
+    why they differ.
 
-    The same token ids, budgets (max new tokens, cut at the context) and stop ids as the prediction. When a
-    K' disagrees, its prompts are served again one at a time and the ones whose counters differ are listed
-    (index, offline vs vLLM drafts and accepted tokens).
+    The same token ids, budgets (max new tokens, cut at the context) and stop ids as the prediction, all
+    prompts in one batch per K'. Per prompt, vLLM's output and its own per-request rounds are compared with
+    the prediction (`peagle.eval.agreement`): an output difference gets its first differing position and the
+    target's top-2 logit margin there on both engines (HF: the target's logits; vLLM: its log-probabilities,
+    requested with logprobs=2 in the same run), judged a near-tie against `near_tie` (default per precision,
+    `agreement.NEAR_TIE`); a round that accepted another count before any differing token is a draft
+    disagreement. `ok` is true when no draft disagrees and every output difference is a near-tie.
     """
+    from peagle.eval import agreement
     from peagle.target.vllm_engine import served_counters
 
     check_vllm_serves(target)
@@ -143,28 +152,65 @@ def compare_with_vllm(
     # near max_model_len: measured, +K+1 changed its counters, +19 did not), not the whole context (KV memory)
     longest = max(len(p) + b for p, b in zip(cs.prompt_ids, budgets, strict=True))
     engine_len = min(max_context, longest + 4 * (k + 1) + 64)
-    dtype = "bfloat16" if target.dtype == torch.bfloat16 else "float32"  # vLLM serves as the prediction ran
+    precision = "bf16" if target.dtype == torch.bfloat16 else "fp32"
+    threshold = agreement.near_tie_threshold(precision, near_tie)
+    dtype = "bfloat16" if precision == "bf16" else "float32"  # vLLM serves as the prediction ran
     served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
-                             max_model_len=engine_len, dtype=dtype)
-    out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}}
+                             max_model_len=engine_len, dtype=dtype, logprobs=2)
+    out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}, "dtype": precision}
+    hf_cache: dict[tuple[int, int], dict[int, float]] = {}
+    rows_by_k: dict[int, list[dict[str, Any]]] = {}
     for kk, res in served.items():
         offline = [m for r in rounds for m in r[kk]]
         mine = {"num_drafts": len(offline), "num_accepted_tokens": sum(offline),
                 "accepted_per_position": per_position_counts(offline, kk)}
         agrees = all(res[key] == mine[key] for key in mine)
         same_outputs = sum(o == c for o, c in zip(res["outputs"], cs.continuations, strict=True))
-        out["by_k"][str(kk)] = {**{key: v for key, v in res.items() if key != "outputs"}, "offline": mine,
-                                "agrees": agrees, "outputs_equal_offline": same_outputs}
+        out["by_k"][str(kk)] = {**{key: v for key, v in res.items() if key not in ("outputs", "rounds", "logprobs")},
+                                "offline": mine, "agrees": agrees, "outputs_equal_offline": same_outputs}
         out["agrees"] &= agrees
-        if not agrees:
-            alone = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, [kk],
-                                    max_model_len=engine_len, dtype=dtype, per_prompt=True)[kk]["per_prompt"]
-            out["differences"][str(kk)] = [
-                {"index": j, "offline_drafts": len(r[kk]), "offline_accepted": sum(r[kk]),
-                 "vllm_drafts": row["num_drafts"], "vllm_accepted": row["num_accepted_tokens"]}
-                for j, (r, row) in enumerate(zip(rounds, alone, strict=True))
-                if (len(r[kk]), sum(r[kk])) != (row["num_drafts"], row["num_accepted_tokens"])]
+        rows = []
+        for j, r in enumerate(rounds):
+            vllm_rounds = res["rounds"][j]
+            if vllm_rounds is None:
+                raise EvalError("vLLM did not report its per-request spec-decode rounds "
+                                "(per_request_spec_decode_metrics): this vLLM is too old for --engine vllm")
+            row = agreement.classify_prompt(j, cs.continuations[j], r[kk], res["outputs"][j], vllm_rounds, kk)
+            if row is None:
+                continue
+            if row["kind"] == "output":
+                pos = row["position"]
+                logits = _hf_logits(target, cs, j, pos, hf_cache)
+                values, tokens = logits.topk(2)
+                hf = {int(t): float(v) for t, v in zip(tokens.tolist(), values.tolist(), strict=True)}
+                lp = res.get("logprobs", [[]] * len(rounds))[j]
+                vl = dict(sorted((lp[pos] if pos < len(lp) else {}).items(), key=lambda tv: -tv[1])[:2])
+                row.update(agreement.margins(hf, vl, row["offline_token"], row["vllm_token"],
+                                             hf_logit=lambda t, x=logits: float(x[t])))
+            elif row.get("lookahead"):
+                tops = [_hf_logits(target, cs, j, pos, hf_cache).topk(2).values for pos in row["lookahead"]]
+                row["hf_lookahead_margin"] = min((float(v[0] - v[1]) for v in tops), default=None)
+            rows.append(agreement.judge(row, threshold))
+        rows_by_k[kk] = rows
+        if rows:
+            out["differences"][str(kk)] = rows
+    summary = agreement.summarise_agreement(rows_by_k, threshold)
+    for kk, counts in summary.pop("by_k").items():  # the per-K' counts beside vLLM's counters
+        out["by_k"][kk].update(counts)
+    out.update(summary)
     return out
+
+
+@torch.no_grad()
+def _hf_logits(target: Any, cs: ContinuationSet, j: int, pos: int, cache: dict) -> torch.Tensor:
+    """The target's logits [V] (fp32, CPU) for continuation index `pos` of prompt j: after prompt +
+    continuation[:pos] (the lookahead tokens past the end continuing it)."""
+    key = (j, pos)
+    if key not in cache:
+        seq = cs.prompt_ids[j] + (cs.continuations[j] + (cs.lookahead[j] if j < len(cs.lookahead) else []))[:pos]
+        ids = torch.tensor([seq], dtype=torch.long, device=target.device)
+        cache[key] = target.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1].float().cpu()
+    return cache[key]
 
 
 def check_vllm_serves(target: Any) -> None:

@@ -157,38 +157,49 @@ def served_counters(
     *,
     max_model_len: int,
     dtype: str = "float32",
-    per_prompt: bool = False,
+    logprobs: int | None = None,
     engine_args: dict[str, Any] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """vLLM's spec-decode counters for each K' in `k_values`, greedy, one engine per K'.
+    """vLLM's spec-decode counters for each K' in `k_values`, greedy, one engine per K', all prompts in one
+    batch.
 
     Each result holds num_drafts, num_draft_tokens, num_accepted_tokens, accepted_per_position (raw
-    counts per depth), acceptance_length, and `outputs` (the token ids vLLM generated per prompt). With
-    `per_prompt`, every prompt is also run alone and its counter deltas are kept in `per_prompt` (slower:
-    one request at a time), so a difference with the offline evaluator can be traced to prompts.
+    counts per depth), acceptance_length, `outputs` (the token ids vLLM generated per prompt) and
+    `rounds` (per prompt, the accepted draft tokens of every round: vLLM's per-request spec-decode
+    metrics, ``per_request_spec_decode_metrics="detailed"``, counted where the engine counts its
+    aggregate counters). With `logprobs` = n, `logprobs` holds per prompt and generated position vLLM's
+    top-n ``{token: log-probability}`` (raw: log-softmax of the target's logits, so differences are
+    logit margins).
     """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(b), stop_token_ids=list(stop_ids), detokenize=False)
-              for b in budgets]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(b), stop_token_ids=list(stop_ids), detokenize=False,
+                             logprobs=logprobs) for b in budgets]
     results: dict[int, dict[str, Any]] = {}
     for k in k_values:
-        llm = _engine(Path(target), Path(draft), int(k), max_model_len, dtype, dict(engine_args or {}))
+        args = {"per_request_spec_decode_metrics": "detailed", **dict(engine_args or {})}
+        llm = _engine(Path(target), Path(draft), int(k), max_model_len, dtype, args)
         try:
             before = read_counters(llm, k)
             outs = llm.generate(prompts, params, use_tqdm=False)
             res = _delta(read_counters(llm, k), before)
             res["outputs"] = [list(o.outputs[0].token_ids) for o in outs]
-            if per_prompt:
-                rows = []
-                for p, sp in zip(prompts, params, strict=True):
-                    before = read_counters(llm, k)
-                    llm.generate([p], [sp], use_tqdm=False)
-                    rows.append(_delta(read_counters(llm, k), before))
-                res["per_prompt"] = rows
+            res["rounds"] = [_request_rounds(o.outputs[0]) for o in outs]
+            if logprobs:
+                res["logprobs"] = [[{int(t): float(lp.logprob) for t, lp in (pos or {}).items()}
+                                    for pos in (o.outputs[0].logprobs or [])] for o in outs]
             results[int(k)] = res
         finally:
             shutdown(llm)
     return results
+
+
+def _request_rounds(completion: Any) -> list[int] | None:
+    """The accepted draft tokens of every round of one request (vLLM's detailed per-request metrics), None
+    when the engine did not report them."""
+    metrics = getattr(completion, "spec_decode_metrics", None)
+    if metrics is None:
+        return None
+    return [int(m) for m in metrics.per_step_accepted]
