@@ -49,6 +49,7 @@ __all__ = [
     "config_to_dict",
     "all_keys",
     "did_you_mean",
+    "states_source",
 ]
 
 
@@ -71,6 +72,24 @@ class DataConfig:
 
     dataset: str = _f(help="tokenized dataset directory written by `peagle prepare --out`")
     cache: str | None = _f(None, help="offline target-state cache (`peagle prepare --cache`); null = online")
+    states: Literal["auto", "online", "cache", "stream"] = _f(
+        "auto", help="where the target states come from: online (the in-process HF target), cache (data.cache), "
+        "stream (vLLM while training: data.stream_*); auto = cache when data.cache is set, else online")
+    stream_servers: list[str] | None = _f(
+        None, help="data.states stream: URLs of vLLM servers started with the extraction method and the "
+        "hidden-states connector (docs/large-targets.md); null = an in-process vLLM engine per rank")
+    stream_prefetch: int = _f(2, ge=1, help="data.states stream: optimizer steps of states requested ahead "
+                              "(the staging area holds at most this many steps of this rank's micro-batches)")
+    stream_retries: int = _f(3, ge=0, help="data.states stream: retries of a failed request (backoff 1, 2, 4 … s) "
+                             "before the run saves a checkpoint and stops")
+    stream_timeout: float = _f(600.0, gt=0.0, help="data.states stream: seconds one request may take before it "
+                               "counts as stalled (and is retried)")
+    stream_concurrency: int = _f(32, ge=1, help="data.states stream with servers: requests in flight per rank")
+    stream_tensor_parallel_size: int = _f(1, ge=1, help="data.states stream, in-process engine: vLLM's "
+                                          "tensor_parallel_size")
+    stream_gpu_memory_utilization: float = _f(
+        0.5, gt=0.0, le=1.0, help="data.states stream, in-process engine on a GPU: the share of its memory vLLM "
+        "may take (the rest is the trainer's)")
     max_length: int = _f(2048, ge=8, help="row length (tokens) examples are packed into")
     val_fraction: float = _f(0.0, ge=0.0, lt=1.0, help="fraction of examples held out for validation")
     shuffle: bool = _f(True, help="shuffle examples every epoch (seeded by train.seed and the epoch)")
@@ -299,6 +318,36 @@ def _cross_checks(cfg: Config) -> None:
                           "(vLLM collapses repeated ids)")
     if not cfg.train.output_dir:
         raise ConfigError("missing required key 'train.output_dir'")
+    _check_states(cfg.data)
+
+
+def states_source(d: DataConfig) -> str:
+    """Where the target states come from: "online", "cache" or "stream" (``data.states``, auto resolved)."""
+    if d.states == "auto":
+        return "cache" if d.cache is not None else "online"
+    return d.states
+
+
+def _check_states(d: DataConfig) -> None:
+    """``data.states`` against ``data.cache`` and the ``data.stream_*`` keys."""
+    source = states_source(d)
+    if source == "cache" and d.cache is None:
+        raise ConfigError("data.states cache needs data.cache (the directory `peagle prepare --cache` wrote)")
+    if source != "cache" and d.cache is not None:
+        raise ConfigError(f"data.cache is set but data.states is {d.states}: the cache is only read with "
+                          "data.states cache (or auto); drop data.cache or set data.states cache")
+    if d.stream_servers is not None and source != "stream":
+        raise ConfigError(f"data.stream_servers is set but data.states is {d.states}: servers are only asked "
+                          "with data.states stream")
+    if d.stream_servers is not None:
+        if not d.stream_servers:
+            raise ConfigError("data.stream_servers is empty: give server URLs, or null for an in-process engine")
+        bad = [u for u in d.stream_servers if not u.startswith(("http://", "https://"))]
+        if bad:
+            raise ConfigError(f"data.stream_servers: {bad[0]!r} is not an http:// or https:// URL")
+        if d.stream_tensor_parallel_size != 1:
+            raise ConfigError("data.stream_tensor_parallel_size is for the in-process engine; a server's tensor "
+                              "parallelism is set when it starts (--tensor-parallel-size)")
 
 
 def config_from_dict(raw: Any, source: str = "config", where: dict[str, str] | None = None) -> Config:

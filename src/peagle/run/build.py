@@ -22,7 +22,7 @@ import yaml
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
-from peagle.config.training import Config, ConfigError, config_to_dict
+from peagle.config.training import Config, ConfigError, config_to_dict, states_source
 from peagle.data.prepared import PreparedData, check_dataset_matches_target, load_prepared
 from peagle.data.records import DataError
 from peagle.data.vocab import DraftVocab, check_mask_token
@@ -47,6 +47,7 @@ from peagle.store.checkpoint import (
 from peagle.store.rundir import check_run_dir
 from peagle.target.cache import CachedStates, CacheError
 from peagle.target.hf import Target, TargetError, TargetParts, target_shape, verifier_fingerprint
+from peagle.target.stream import Extractor, StreamedStates
 from peagle.util.machine import BF16_MIN_SPEEDUP, bf16_speedup
 
 __all__ = ["Run", "build"]
@@ -67,7 +68,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainState
     total: int
-    source: Any                 # what gives target states: the Target (online) or the CachedStates (offline)
+    source: Any                 # what gives target states: the Target (online), CachedStates (cache) or
+                                # StreamedStates (stream: asked from vLLM ahead of the loop, `source.streamed`)
     target: Any | None          # the Target when acceptance lengths are measured during training
     al_prompts: list[dict[str, Any]] | None
     logger: RunLogger
@@ -105,12 +107,15 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
     if ckpt is not None:
         check_resume_vocab(ckpt, vocab, dcfg.mask_token_id, cfg)
     cache = _open_cache(cfg, prepared, tuple(dcfg.aux_layer_ids))
+    streamed = states_source(cfg.data) == "stream"
+    if streamed:
+        _check_stream(cfg)
 
     d = init_distributed(cfg.train.device)
     rows_per_step = d.world * cfg.train.grad_accum * cfg.train.micro_batch_size
     data = TrainData(cfg, prepared, rows_per_step)
     al_prompts = (cfg.eval.prompts or data.heldout_prompts(cfg.eval.num_prompts)) if cfg.eval.enabled else None
-    target = _load_target(cfg, d, need_decoder=bool(al_prompts) or cache is None)
+    target = _load_target(cfg, d, need_decoder=bool(al_prompts) or states_source(cfg.data) == "online")
     draft = _build_draft(cfg, dcfg, vocab, target).to(d.device)
     m = cfg.model
     trainer = PEagleTrainer(draft, ratio=m.ratio, ratio_min=m.ratio_min, max_anchors=m.max_anchors,
@@ -134,6 +139,13 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     logger = RunLogger(cfg, out, total, state.step, d.main)
+    source: Any = cache if cache is not None else target
+    if streamed:  # last: nothing after it can refuse the run while an engine runs
+        try:
+            source = _open_stream(cfg, d, data, state, total, tuple(dcfg.aux_layer_ids), logger)
+        except BaseException:
+            logger.close()
+            raise
     if ckpt is not None:
         _log_resume(logger, cfg, ckpt, state, applied, next_lr, total)
     logger.write(f"train.dtype {cfg.train.dtype}: {state.autocast_dtype} ({why})")
@@ -141,7 +153,7 @@ def build(cfg: Config, resume: str | None = None, accepted: set[str] | frozenset
         logger.write(_describe_parallel(cfg.train.parallel, d, bf16_params))
     return Run(cfg=cfg, d=d, out=out, data=data, draft=draft, trainer=trainer, model=model,
                optimizer=optimizer, scheduler=scheduler, state=state, total=total,
-               source=cache if cache is not None else target, target=target if al_prompts else None,
+               source=source, target=target if al_prompts else None,
                al_prompts=al_prompts, logger=logger, last_saved=state.step if ckpt is not None else -1,
                autocast_bf16=bf16)
 
@@ -290,8 +302,57 @@ def _open_cache(cfg: Config, prepared: PreparedData, aux: tuple[int, ...]) -> Ca
     return cache
 
 
+def _check_stream(cfg: Config) -> None:
+    """``data.states: stream`` can run here: an in-process engine needs vLLM installed."""
+    import importlib.util
+
+    if cfg.data.stream_servers is None and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("data.states stream without data.stream_servers runs vLLM in-process, and vLLM is not "
+                          "installed in this environment: install it, or give data.stream_servers "
+                          "(docs/large-targets.md)")
+
+
+def _stream_extractor(cfg: Config, aux: tuple[int, ...]) -> Extractor:
+    """What the stream asks: vLLM servers (``data.stream_servers``) or an in-process vLLM engine."""
+    m, dc = cfg.model, cfg.data
+    if dc.stream_servers is not None:
+        from peagle.target.vllm_server import ServerStates
+
+        return ServerStates(dc.stream_servers, m.target, aux_layer_ids=list(aux), timeout=dc.stream_timeout,
+                            concurrency=dc.stream_concurrency, trust_remote_code=m.trust_remote_code)
+    from peagle.target.vllm_states import VLLMStates
+
+    engine_args = {"gpu_memory_utilization": dc.stream_gpu_memory_utilization} if torch.cuda.is_available() else {}
+    dtype = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[m.target_dtype]
+    states = VLLMStates(m.target, aux_layer_ids=list(aux), tensor_parallel_size=dc.stream_tensor_parallel_size,
+                        dtype=dtype, max_model_len=dc.max_length + 1, trust_remote_code=m.trust_remote_code,
+                        engine_args=engine_args)
+    states._start()  # in this (main) thread; a failed start is one line before any step runs
+    return states
+
+
+def _open_stream(cfg: Config, d: Dist, data: TrainData, state: TrainState, total: int, aux: tuple[int, ...],
+                 logger: RunLogger) -> StreamedStates:
+    """The streamed source, started on this rank's micro-batches from ``state`` on (the loop's order)."""
+    try:
+        extractor = _stream_extractor(cfg, aux)
+    except ValueError as e:
+        raise ConfigError(f"data.states stream: {e}") from None
+    dc = cfg.data
+    name = f"vLLM servers {', '.join(dc.stream_servers)}" if dc.stream_servers else "the in-process vLLM engine"
+    stream = StreamedStates(extractor, lambda i: data.prepared[i]["input_ids"],
+                            capacity=dc.stream_prefetch * cfg.train.grad_accum, chunk=cfg.train.grad_accum,
+                            retries=dc.stream_retries,
+                            stall_after=dc.stream_timeout, dtype=torch.float32 if d.device.type == "cpu" else None,
+                            name=name, log=logger.write)
+    stream.start(data.stream_schedule(state, total, d.rank, d.world))
+    logger.write(f"data.states stream: target states from {name}, {dc.stream_prefetch} step(s) ahead "
+                 f"(staging area: at most {stream.capacity} micro-batches of this rank)")
+    return stream
+
+
 def _load_target(cfg: Config, d: Dist, need_decoder: bool) -> Target | TargetParts:
-    """The whole target, or only its embeddings/norm/lm_head when states come from a cache."""
+    """The whole target, or only its embeddings/norm/lm_head when states come from a cache or a stream."""
     m = cfg.model
     try:
         if not need_decoder:

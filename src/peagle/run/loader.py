@@ -37,10 +37,11 @@ class MicroBatch:
     batch: Batch
     tokens: int
 
-    def with_states(self, source: Any, device: torch.device) -> Batch:
-        """``batch`` with the target states of ``packed`` from ``source`` (the Target or the state cache:
-        anything with ``states(packed) -> (aux, final)``), shifted the same way, on ``device``."""
-        return shift_states(self.batch, *source.states(self.packed)).to(device)
+    def with_states(self, source: Any, device: torch.device, states: tuple[Any, Any] | None = None) -> Batch:
+        """``batch`` with the target states of ``packed`` from ``source`` (the Target, the state cache or the
+        stream: anything with ``states(packed) -> (aux, final)``), or the ``states`` given (taken from the
+        stream beforehand), shifted the same way, on ``device``."""
+        return shift_states(self.batch, *(states if states is not None else source.states(self.packed))).to(device)
 
 
 class TrainData:
@@ -116,6 +117,19 @@ class TrainData:
         if row + self.rows_per_step > len(self.epoch_rows(epoch)):
             return epoch + 1, 0
         return epoch, row
+
+    def stream_schedule(self, state: TrainState, total: int, rank: int, world: int) -> Iterator[list[int]]:
+        """The example indices (row by row) of every micro-batch this rank will train from ``state`` up to
+        ``total`` steps, in the order the loop takes them: what the streamed target states are asked for.
+        ``state`` is read now (a later change of it does not move the schedule)."""
+        start = TrainState(step=state.step, epoch=state.epoch, row_in_epoch=state.row_in_epoch)
+
+        def schedule() -> Iterator[list[int]]:
+            for epoch, row in self.positions(start, total):
+                for rows in self.step_micro_rows(epoch, row, rank, world):
+                    yield [i for r in rows for i in r]
+
+        return schedule()
 
     # -------------------------------------------------------------------------------- batches
     def step_micro_rows(self, epoch: int, row: int, rank: int, world: int) -> list[list[list[int]]]:

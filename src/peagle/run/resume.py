@@ -29,12 +29,13 @@ RESUME_FREE = frozenset({
     "train.log_every", "train.progress", "train.tensorboard", "train.output_dir", "train.on_nonfinite",
     "train.device", "train.parallel", "model.sequence_partitions", "model.activation_checkpointing",
     "model.target_name", "model.trust_remote_code", "eval.enabled", "eval.prompts", "eval.num_prompts",
-    "eval.max_new_tokens",
+    "eval.max_new_tokens", "data.stream_servers", "data.stream_prefetch", "data.stream_retries", "data.stream_timeout",
+    "data.stream_concurrency", "data.stream_tensor_parallel_size", "data.stream_gpu_memory_utilization",
 })
 RESUME_ACCEPTABLE = frozenset({
     "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr_ratio",
     "optim.grad_clip", "model.ratio", "model.ratio_min", "model.max_anchors", "model.target",
-    "model.target_dtype", "data.cache", "train.micro_batch_size", "train.grad_accum", "train.dtype",
+    "model.target_dtype", "data.cache", "data.states", "train.micro_batch_size", "train.grad_accum", "train.dtype",
 })
 
 

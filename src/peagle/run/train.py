@@ -10,7 +10,10 @@ step (counted from each micro-batch's COD layout before the target runs, all-red
 Gradients are summed over ranks (`distributed.wrap`: DDP, or FSDP2 with ``train.parallel: fsdp``), so
 W ranks × A micro-batches give the gradient of one process on the union batch. Exact resume: a
 checkpoint holds the draft, AdamW moments, scheduler, RNG states and the data position;
-SIGINT/SIGTERM finish the step, save, and ``peagle train`` exits 130 (docs/training.md).
+SIGINT/SIGTERM finish the step, save, and ``peagle train`` exits 130 (docs/training.md). Streamed target
+states (``data.states: stream``) are taken before a step's first forward; when they cannot be had (after the
+stream's retries), every rank stops before that step, a checkpoint is saved and one line says so
+(docs/large-targets.md).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from peagle.run.runlog import quiet_hf_progress, write_report
 from peagle.store.checkpoint import capture_rng, save_checkpoint
 from peagle.store.export import export_draft
 from peagle.store.rundir import FINAL_DIR, RunLock, check_output_dir
+from peagle.target.stream import StreamError
 from peagle.util.machine import keep_freed_memory
 
 __all__ = ["TrainResult", "NonFiniteError", "Run", "build", "train", "train_loop", "train_step", "validate",
@@ -78,6 +82,7 @@ class TrainResult:
     last_val: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.on_nonfinite: skip)
     report: Path | None = None
+    stream: dict[str, Any] = field(default_factory=dict)  # data.states stream: the stream's statistics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +123,8 @@ def train(
             try:
                 return train_loop(run, stop_after)
             finally:
+                if getattr(run.source, "streamed", False):
+                    run.source.close()
                 run.logger.close()
                 run.d.close()
     finally:
@@ -135,22 +142,30 @@ def train_loop(run: Run, stop_after: int | None = None) -> TrainResult:
     t, state, logger = run.cfg.train, run.state, run.logger
     result = TrainResult(step=state.step, total_steps=run.total, interrupted=False, output_dir=run.out)
     run.trainer.train()
+    failure: StreamError | None = None
     with _StopFlag() as stop:
-        for epoch, row in run.data.positions(state, run.total):
-            record = train_step(run, epoch, row)
-            result.last_metrics = record
-            if state.step % t.log_every == 0 or state.step == run.total:
-                logger.log(record, "train")
-            logger.progress(record, run.trainer.num_depths)
-            stop_here = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
-            if _any_rank(stop_here, run.d):
-                result.interrupted = True
-                break
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < run.total:
-                result.last_val = validate(run)
-            if t.save_every and state.step % t.save_every == 0 and state.step < run.total:
-                result.checkpoint = save(run)
+        try:
+            for epoch, row in run.data.positions(state, run.total):
+                record = train_step(run, epoch, row)
+                result.last_metrics = record
+                if state.step % t.log_every == 0 or state.step == run.total:
+                    logger.log(record, "train")
+                logger.progress(record, run.trainer.num_depths)
+                stop_here = stop.signum is not None or (stop_after is not None and state.step >= stop_after)
+                if _any_rank(stop_here, run.d):
+                    result.interrupted = True
+                    break
+                if t.eval_every and state.step % t.eval_every == 0 and state.step < run.total:
+                    result.last_val = validate(run)
+                if t.save_every and state.step % t.save_every == 0 and state.step < run.total:
+                    result.checkpoint = save(run)
+        except StreamError as e:  # the streamed target states failed (after their retries) or stalled
+            failure = e
     result.step, result.skipped_steps = state.step, state.skipped_steps
+    if getattr(run.source, "streamed", False):
+        result.stream = _stream_summary(run)
+    if failure is not None:
+        _stream_failed(run, failure)
     if result.interrupted:
         logger.write(f"interrupted at step {state.step}: saving a checkpoint")
     if state.step != run.last_saved:
@@ -159,6 +174,30 @@ def train_loop(run: Run, stop_after: int | None = None) -> TrainResult:
     if not result.interrupted:
         _finish(run, result)
     return result
+
+
+def _stream_summary(run: Run) -> dict[str, Any]:
+    """The stream's statistics (this rank), logged in one line."""
+    s = run.source.stats.as_dict()
+    run.logger.write(f"streamed target states: {s['micro_batches']} micro-batches ({s['tokens']} tokens), "
+                     f"{s['extract_calls']} extraction calls in {s['extract_s']:.1f} s, training waited "
+                     f"{s['wait_s']:.1f} s; staging area peak {s['peak_bytes'] / 2**20:.2f} MiB "
+                     f"({s['peak_micro_batches']} micro-batches); {s['retries']} retries")
+    return s
+
+
+def _stream_failed(run: Run, failure: StreamError) -> None:
+    """The target states could not be had: save what is trained (a resumable checkpoint), then raise one line."""
+    run.optimizer.zero_grad(set_to_none=True)
+    state = run.state
+    ckpt = None
+    if state.step > 0:
+        run.logger.write(f"target states failed before step {state.step + 1}: saving a checkpoint")
+        ckpt = save(run) if state.step != run.last_saved else run.newest_checkpoint()
+        ckpt = ckpt or run.newest_checkpoint()
+    where = (f"checkpoint {ckpt} at step {state.step}; bring the engine or servers back and continue with "
+             "--resume auto" if ckpt is not None else "no step was trained; start the run again")
+    raise StreamError(f"{failure} — training stopped before step {state.step + 1}/{run.total}; {where}")
 
 
 def _finish(run: Run, result: TrainResult) -> None:
@@ -194,13 +233,18 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     t_start = time.perf_counter()
     micro = [run.data.micro_batch(rows, epoch) for rows in run.data.step_micro_rows(epoch, row, d.rank, d.world)]
     layouts = [run.trainer.layout(m.batch) for m in micro]
-    count = all_reduce(torch.tensor([float(sum(lay.supervised_count for lay in layouts))], dtype=torch.float64,
-                                    device=d.device), d)
-    normalizer = float(max(count.item(), 1.0))
+    states, failed, waited = _take_streamed(run, micro)
+    count = all_reduce(torch.tensor([float(sum(lay.supervised_count for lay in layouts)), float(bool(failed))],
+                                    dtype=torch.float64, device=d.device), d)
+    if count[1].item() > 0:  # every rank stops here, before any collective of the step's backward
+        raise StreamError(failed or "another rank could not get its target states")
+    normalizer = float(max(count[0].item(), 1.0))
     metrics = StepMetrics.zeros(run.trainer.num_depths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for j, (m, lay) in enumerate(zip(micro, layouts, strict=True)):
-        batch = m.with_states(run.source, d.device)
+        batch = m.with_states(run.source, d.device, states[j] if states else None)
+        if states:
+            states[j] = None  # this micro-batch's states are freed with its batch
         last_micro = j == len(micro) - 1
         # one process: a partitioned micro-batch's units sum apart, then join the step's gradient, as the
         # all-reduce adds each rank's (which DDP does inside the step's last backward)
@@ -234,7 +278,20 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     seconds = time.perf_counter() - t_start
     return {"step": state.step, "epoch": epoch, "lr": lr, "grad_norm": norm, "skipped": skipped,
             "tokens": int(packed[3 * k]), "step_s": seconds, "tokens_per_s": float(packed[3 * k]) / max(seconds, 1e-9),
+            **({"states_wait_s": waited} if states is not None else {}),
             **{kk: v for kk, v in summary.items() if not kk.startswith("n_")}}
+
+
+def _take_streamed(run: Run, micro: list[MicroBatch]) -> tuple[list[Any] | None, str, float]:
+    """With ``data.states: stream``: this step's states, taken from the staging area before any forward (so a
+    failure stops every rank at the same point, nothing applied); (states or None, the failure, seconds waited)."""
+    if not getattr(run.source, "streamed", False):
+        return None, "", 0.0
+    t0 = time.perf_counter()
+    try:
+        return [run.source.take(m.packed) for m in micro], "", time.perf_counter() - t0
+    except StreamError as e:
+        return [], str(e), time.perf_counter() - t0
 
 
 def _nonfinite(run: Run, epoch: int, what: str) -> None:

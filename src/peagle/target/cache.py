@@ -256,23 +256,37 @@ class CachedStates:
 
     def states(self, packed: PackedRows) -> tuple[Tensor, Tensor]:
         """Packed aux [B, n, 3H] and final [B, n, H] assembled from the cache (zeros at padding)."""
-        B, n = packed.input_ids.shape
-        dtype = self.dtype or torch.bfloat16
-        H = self.hidden_size
-        aux = torch.zeros(B, n, 3 * H, dtype=dtype)
-        fin = torch.zeros(B, n, H, dtype=dtype)
-        exi = packed.example_index.cpu()
-        docs = packed.document_ids.cpu()
-        for b in range(B):
-            pos = 0
-            while pos < n and docs[b, pos] >= 0:
-                run = int((docs[b, pos:] == docs[b, pos]).int().cumprod(0).sum())
-                i = int(exi[b, pos])
-                a_i, f_i = self.get(i)
-                if a_i.shape[0] != run:
-                    raise CacheError(f"cache {self.cache_dir}: example {i} has {a_i.shape[0]} cached positions "
-                                     f"but {run} in the batch (cache built from another dataset?)")
-                aux[b, pos:pos + run] = a_i
-                fin[b, pos:pos + run] = f_i
-                pos += run
-        return aux, fin
+        return assemble_states(packed, self.get, 3 * self.hidden_size, self.hidden_size,
+                               self.dtype or torch.bfloat16, where=f"cache {self.cache_dir}")
+
+
+def documents(packed: PackedRows) -> list[tuple[int, int, int, int]]:
+    """Every document of ``packed`` in row order: (row, start, length, example index)."""
+    exi = packed.example_index.cpu()
+    docs = packed.document_ids.cpu()
+    B, n = docs.shape
+    out = []
+    for b in range(B):
+        pos = 0
+        while pos < n and docs[b, pos] >= 0:
+            run = int((docs[b, pos:] == docs[b, pos]).int().cumprod(0).sum())
+            out.append((b, pos, run, int(exi[b, pos])))
+            pos += run
+    return out
+
+
+def assemble_states(packed: PackedRows, get: Callable[[int], tuple[Tensor, Tensor]], aux_width: int,
+                    hidden_size: int, dtype: torch.dtype, *, where: str) -> tuple[Tensor, Tensor]:
+    """Packed aux [B, n, aux_width] and final [B, n, H] from per-example states ``get(i)`` (zeros at padding):
+    how the cache and the streamed source (`peagle.target.stream`) give a batch its states."""
+    B, n = packed.input_ids.shape
+    aux = torch.zeros(B, n, aux_width, dtype=dtype)
+    fin = torch.zeros(B, n, hidden_size, dtype=dtype)
+    for b, pos, run, i in documents(packed):
+        a_i, f_i = get(i)
+        if a_i.shape[0] != run:
+            raise CacheError(f"{where}: example {i} has {a_i.shape[0]} cached positions but {run} in the batch "
+                             "(built from another dataset?)")
+        aux[b, pos:pos + run] = a_i
+        fin[b, pos:pos + run] = f_i
+    return aux, fin

@@ -145,6 +145,10 @@ class VLLMStates:
             shutil.rmtree(self._storage, ignore_errors=True)
             self._storage = None
 
+    def reset(self) -> None:
+        """After a failure: shut the engine down; the next `extract` starts a fresh one."""
+        self.close()
+
     def __enter__(self) -> VLLMStates:
         return self
 
@@ -181,9 +185,13 @@ class VLLMStates:
             if got != [int(t) for t in ids] or hs.shape != (len(ids), len(self.extract_ids), self.hidden_size):
                 raise VLLMError(f"vLLM's hidden states for request {out.request_id} do not match its prompt "
                                 f"(tokens {len(got)} vs {len(ids)}, shape {tuple(hs.shape)})")
-            aux = hs[:, self._aux_cols].reshape(len(ids), -1)
-            result.append((aux, hs[:, self._final_col].clone()))
+            result.append(self.split(hs))
         return result
+
+    def split(self, hs: Tensor) -> tuple[Tensor, Tensor]:
+        """The connector's ``hidden_states`` [n, len(extract_ids), H] → aux [n, len(aux)·H] (the draft's
+        ids, increasing) and final [n, H] (id L, the final norm's input)."""
+        return hs[:, self._aux_cols].reshape(hs.shape[0], -1), hs[:, self._final_col].clone()
 
     def states(self, packed: Any) -> tuple[Tensor, Tensor]:
         """Aux [B, n, 3H] and final [B, n, H] for a ``peagle.data.PackedRows`` (zeros at padding):
