@@ -172,7 +172,11 @@ def train_loop(run: Run, stop_after: int | None = None) -> TrainResult:
         result.checkpoint = save(run)
     result.checkpoint = result.checkpoint or run.newest_checkpoint()
     if not result.interrupted:
-        _finish(run, result)
+        try:
+            _finish(run, result)
+        except StreamError as e:  # the final validation's streamed states: everything trained is saved
+            raise StreamError(f"{e} — in the final validation; all {run.total} steps are trained and saved "
+                              f"({result.checkpoint}): continue with --resume auto to validate and export") from None
     return result
 
 
@@ -383,15 +387,32 @@ def _validation_metrics(run: Run) -> dict[str, float]:
     was_training = run.trainer.training
     run.trainer.eval()
     total = StepMetrics.zeros(run.trainer.num_depths)
+    failed = ""
     for m, counted in _val_micro_batches(run):
-        batch = m.with_states(run.source, run.d.device)
+        try:
+            batch = m.with_states(run.source, run.d.device)
+        except StreamError as e:  # streamed states: this rank goes on with zeros (FSDP's forwards are collective)
+            failed = failed or str(e)
+            batch = m.with_states(run.source, run.d.device, _zero_states(run.source, m.packed))
         for unit in run.trainer.units(batch):
             with run.autocast():
                 out = run.trainer(unit)
             if counted:
                 total = total + out.metrics
     run.trainer.train(was_training)
-    return StepMetrics.from_tensor(all_reduce(total.as_tensor().to(run.d.device), run.d).cpu()).summary()
+    k = run.trainer.num_depths
+    packed = torch.cat([total.as_tensor().reshape(-1), torch.tensor([float(bool(failed))], dtype=torch.float64)])
+    packed = all_reduce(packed.to(run.d.device), run.d).cpu()
+    if packed[-1].item() > 0:  # every rank raises: the loop saves a checkpoint together
+        raise StreamError(failed or "another rank could not get its validation states")
+    return StepMetrics.from_tensor(packed[: 3 * k].reshape(3, k)).summary()
+
+
+def _zero_states(source: Any, packed: Any) -> tuple[Tensor, Tensor]:
+    """Stand-in states of a streamed batch that could not be had (its metrics are thrown away)."""
+    B, n = packed.input_ids.shape
+    dtype = source.dtype or torch.bfloat16
+    return torch.zeros(B, n, source.aux_width, dtype=dtype), torch.zeros(B, n, source.hidden_size, dtype=dtype)
 
 
 def _val_micro_batches(run: Run) -> list[tuple[MicroBatch, bool]]:

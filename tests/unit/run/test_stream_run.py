@@ -6,6 +6,7 @@ working one continues exactly; a transient failure is retried and changes nothin
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def setup(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 class CacheExtractor:
     """Answers each token sequence with the cached states of the example holding those tokens."""
 
+    fail_validation = False  # requests made outside the stream's thread (validation's) fail
+
     def __init__(self, setup: dict[str, Path], fail_calls: set[int] = frozenset()) -> None:
         self.cache = CachedStates(setup["cache"], dtype=torch.float32)
         data = load_prepared(setup["data"])
@@ -56,9 +59,11 @@ class CacheExtractor:
 
     def extract(self, token_ids: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         self.calls += 1
-        if self.calls in self.fail_calls:
+        which = [self.by_tokens[tuple(int(t) for t in ids)] for ids in token_ids]
+        sync = threading.current_thread().name != "peagle-states-stream"
+        if self.calls in self.fail_calls or (self.fail_validation and sync):
             raise ConnectionError("server 127.0.0.1:1 refused the connection")
-        return [self.cache.get(self.by_tokens[tuple(int(t) for t in ids)]) for ids in token_ids]
+        return [self.cache.get(i) for i in which]
 
     def reset(self) -> None:
         self.resets += 1
@@ -111,6 +116,7 @@ def streamed(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> list[Ca
     monkeypatch.setattr(build_mod, "_stream_extractor", make)
     monkeypatch.setattr(build_mod, "_check_stream", lambda cfg: None)
     monkeypatch.setattr(stream_mod, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(CacheExtractor, "fail_validation", False)
     return made
 
 
@@ -192,3 +198,32 @@ def test_each_rank_streams_its_own_share_in_the_loops_order(setup, tmp_path):
     schedule = data.stream_schedule(state, total, 1, 2)
     state.step, state.row_in_epoch = 4, 0  # the loop moving on does not move a schedule already made
     assert list(schedule) == scheds[1][4:]
+
+
+def test_a_failure_in_validation_saves_the_step_and_resumes(setup, streamed, tmp_path, capsys, monkeypatch):
+    """The validation after step 3 cannot get its states: a checkpoint at step 3 and one line; resumed, the
+    remaining steps equal the uninterrupted run's (the lost validation at step 3 aside)."""
+    assert main(["train", str(_config(setup, tmp_path / "ref", cache=str(setup["cache"])))]) == 0
+    monkeypatch.setattr(CacheExtractor, "fail_validation", True)
+    cfg = _config(setup, tmp_path / "run", states="stream", stream_retries=1)
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "failed 2 time(s) in a row" in err and "before step 4/6" in err
+    assert "checkpoint" in err and "at step 3" in err
+    monkeypatch.setattr(CacheExtractor, "fail_validation", False)
+    assert main(["train", str(cfg), "--resume", "auto"]) == 0
+    (ref_train, ref_val), (got_train, got_val) = _records(tmp_path / "ref"), _records(tmp_path / "run")
+    assert got_train == ref_train and got_val == [v for v in ref_val if v["step"] != 3]
+
+
+def test_a_failure_in_the_final_validation(setup, streamed, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(CacheExtractor, "fail_validation", True)
+    cfg = _config(setup, tmp_path / "run", eval_every=0, states="stream", stream_retries=0)
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "in the final validation; all 6 steps are trained and saved" in err
+    assert not (tmp_path / "run" / "final").exists() and (tmp_path / "run" / "step-00000006").is_dir()
+    monkeypatch.setattr(CacheExtractor, "fail_validation", False)
+    assert main(["train", str(cfg), "--resume", "auto"]) == 0
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert [v["step"] for v in _records(tmp_path / "run")[1]] == [6]
