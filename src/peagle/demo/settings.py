@@ -1,4 +1,5 @@
-"""The demo's sizes: `DemoSettings`, the full run (`FULL`) and the ``--quick`` smoke run (`QUICK`).
+"""The demos' sizes: `DemoSettings`, the full run (`FULL`) and the ``--quick`` smoke run (`QUICK`); the real-model
+demo's `RealSettings` (`REAL_FULL`, `REAL_QUICK`).
 
 Their own module so that the run (`peagle.demo.run`) and its report (`peagle.demo.report`) both read
 them without importing each other.
@@ -10,19 +11,16 @@ import dataclasses
 
 from peagle.demo.tiny_lm import TargetSettings
 
-__all__ = ["FULL", "QUICK", "DemoSettings"]
+__all__ = ["FULL", "QUICK", "REAL_FULL", "REAL_QUICK", "DemoSettings", "DraftSettings", "RealSettings"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoSettings:
-    """Sizes of one demo run (the full demo, or the ``--quick`` smoke run)."""
+class DraftSettings:
+    """What every demo sizes alike: the draft, its training and its evaluation (`peagle.demo.stages`
+    writes the training config from these, `peagle.demo.report` describes them)."""
 
-    target: TargetSettings
-    num_chats: int  # training prompts whose responses the target regenerates
-    num_eval_prompts: int  # held-out prompts of the final evaluation
     num_al_prompts: int  # held-out prompts scored every eval_every steps during training
-    max_new_tokens: int  # generation budget (regeneration and evaluation)
-    regen_batch_size: int
+    max_new_tokens: int  # generation budget of the evaluation
     max_length: int  # packed row length of training
     draft_vocab_size: int | None
     num_layers: int  # draft decoder layers
@@ -33,6 +31,16 @@ class DemoSettings:
     warmup_steps: int
     eval_every: int
     val_fraction: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings(DraftSettings):
+    """Sizes of one embedded-demo run (the full demo, or the ``--quick`` smoke run)."""
+
+    target: TargetSettings
+    num_chats: int  # training prompts whose responses the target regenerates
+    num_eval_prompts: int  # held-out prompts of the final evaluation
+    regen_batch_size: int  # (regeneration uses max_new_tokens too)
 
 
 # Sized for the slowest CPU this project runs on (an AVX2-only 2-core EPYC, 90–140 GFLOP/s): 800 steps over
@@ -86,5 +94,69 @@ QUICK = DemoSettings(
     lr=2e-3,
     warmup_steps=1,
     eval_every=3,
+    val_fraction=0.1,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealSettings(DraftSettings):
+    """Sizes of one real-model demo run (``peagle demo --real``: SmolLM2-135M-Instruct)."""
+
+    seed: int  # of the prompt corpus (`peagle.demo.real_corpus`)
+    num_prompts: int  # training prompts whose assistant turns the target writes
+    heldout_per_kind: int  # held-out prompts of each kind written to data/heldout/<kind>.jsonl ...
+    eval_per_kind: int  # ... the first of which the final evaluation uses (data/heldout.jsonl)
+    regen_max_tokens: int  # per regenerated assistant turn
+    regen_batch_size: int  # the in-process HF engine's batch (without vLLM)
+    cache_states: bool  # `peagle prepare --cache`: the target runs once per example, not every step
+    freeze_lm_head: bool  # keep the target's lm_head rows fixed (model.freeze_lm_head)
+    al_max_new_tokens: int  # generation budget of the AL measured during training
+
+
+REAL_FULL = RealSettings(
+    seed=0,
+    num_prompts=1200,
+    heldout_per_kind=32,
+    eval_per_kind=12,
+    regen_max_tokens=320,
+    regen_batch_size=32,
+    cache_states=True,
+    freeze_lm_head=False,
+    num_al_prompts=20,
+    al_max_new_tokens=128,
+    max_new_tokens=192,
+    max_length=1024,
+    draft_vocab_size=16384,
+    num_layers=1,
+    num_depths=4,
+    steps=600,
+    micro_batch_size=1,
+    lr=1.5e-3,
+    warmup_steps=30,
+    eval_every=100,
+    val_fraction=0.02,
+)
+
+REAL_QUICK = RealSettings(
+    seed=0,
+    num_prompts=24,
+    heldout_per_kind=3,
+    eval_per_kind=2,
+    regen_max_tokens=48,
+    regen_batch_size=24,
+    cache_states=True,
+    freeze_lm_head=False,
+    num_al_prompts=4,
+    al_max_new_tokens=32,
+    max_new_tokens=32,
+    max_length=512,
+    draft_vocab_size=4096,
+    num_layers=1,
+    num_depths=4,
+    steps=4,
+    micro_batch_size=2,
+    lr=1.5e-3,
+    warmup_steps=1,
+    eval_every=2,
     val_fraction=0.1,
 )
