@@ -21,7 +21,12 @@ from torch.utils.checkpoint import checkpoint
 # - context: queries sorted by range end are cut into chunks; a chunk's keys are its queries' range
 #   union and one fused flash call (forward, and one backward) computes it under an additive mask. The
 #   greedy split keeps every tile at least 1/_MAX_WASTE made of pairs a query needs (or under
-#   _SMALL_TILE pairs, where the call's fixed cost dominates the waste) and at most _TILE_PAIRS pairs;
+#   _SMALL_TILE pairs, where the call's fixed cost dominates the waste) and at most _FLASH_TILE_PAIRS
+#   pairs on CPU (only the chunk's [c, R] mask is stored; the kernel works in blocks) or _TILE_PAIRS on
+#   other devices (the plain path stores the chunk's scores for every head). A cap of 2^18 pairs on CPU
+#   left R = 32768 keys 8 queries per flash call: the step grew ~5x per doubling of L past 8192 (2.1x
+#   the FLOP floor at L = 8192, 3.4x at 16384, 7.8x at 32768 on a loaded machine); 2^22 halved the L = 8192 step
+#   (benchmarks/step.py's draft, S = 8, interleaved in one process) and is no slower at L = 2048;
 # - own chains: the queries of one anchor are a group of s elements (depths 1..s), query c seeing the
 #   group's columns 0..c. The groups are laid out in a grid of blocks, each [groups, w] for one width
 #   w (padding slots see only themselves), so all chains are a few [groups, w, w] causal blocks of
@@ -33,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 _SMALL_TILE = 1 << 14
 _MAX_WASTE = 2.0  # a tile may hold at most this many pairs per needed one (above _SMALL_TILE)
 _TILE_PAIRS = 1 << 18
+_FLASH_TILE_PAIRS = 1 << 22
 _MAX_CHUNK = 1024
 _BLOCK_SLOTS = 340
 # Masks are kept for the layers and the backward up to this many bytes per plan, then rebuilt per call.
@@ -149,8 +155,10 @@ class TilePlan:
     positions in ``order``.
     """
 
-    def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int = _TILE_PAIRS):
+    def __init__(self, start: Tensor, end: Tensor, chain: Tensor | None = None, tile_pairs: int | None = None):
         m = end.numel()
+        if tile_pairs is None:
+            tile_pairs = _FLASH_TILE_PAIRS if end.device.type == "cpu" else _TILE_PAIRS
         size, col, group = _own_groups(chain, m, end.device)
         self.order = _lexsort((start > end).long(), end)  # empty ranges last: they are in no chunk
         self.inv = torch.empty_like(self.order)
