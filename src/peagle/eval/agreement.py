@@ -32,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "NEAR_TIE",
+    "VLLM_LOGPROBS",
     "classify_prompt",
     "first_difference",
     "judge",
@@ -47,6 +48,9 @@ __all__ = [
 # models" gives the measurement behind them: several times the largest logit difference measured between
 # HF and vLLM at the same positions, far below the margins of ordinary tokens.
 NEAR_TIE = {"fp32": 0.05, "bf16": 1.0}
+# vLLM's log-probabilities requested per generated token: the margins use the top 2; a few more find HF's token
+# where three tokens are nearly tied (common at bf16's logit resolution) so the pair's margin is known.
+VLLM_LOGPROBS = 5
 
 
 def near_tie_threshold(dtype: str, override: float | None = None) -> float:
@@ -109,13 +113,14 @@ def margins(
 ) -> dict[str, Any]:
     """The margins at a differing position, for an output row.
 
-    hf_top2 / vllm_top2: each engine's two best {token: logit or log-probability}; hf_logit(t): HF's logit of
-    any token (HF's whole logit vector is at hand; vLLM returns only its top-2). Returns both top-2 lists,
+    hf_top2 / vllm_top2: each engine's best {token: logit or log-probability} (at least the two best: vLLM
+    returns its top-`VLLM_LOGPROBS`); hf_logit(t): HF's logit of any token (HF's whole logit vector is at
+    hand). Returns both top-2 lists,
     each engine's top-2 margin (hf_top2_margin, vllm_top2_margin) and the margins that are judged: between
     the two tokens the engines chose, on each engine — hf_margin = HF logit(HF's token) − logit(vLLM's
     token), vllm_margin = vLLM log-probability(vLLM's token) − that of HF's token, None when HF's token is
-    not in vLLM's top-2 (then it is at least vllm_top2_margin: not judged a near-tie). In the usual case,
-    each engine's runner-up is the other's choice, both equal the top-2 margins.
+    not among vLLM's returned ones (then it is at least vllm_top2_margin: not judged a near-tie). In the
+    usual case, each engine's runner-up is the other's choice, both equal the top-2 margins.
     """
     hf_margin = vllm_margin = None
     if hf_token is not None and vllm_token is not None:
@@ -125,8 +130,10 @@ def margins(
             hf_margin = float(hf_top2[hf_token] - hf_top2[vllm_token])
         if hf_token in vllm_top2 and vllm_token in vllm_top2:
             vllm_margin = float(vllm_top2[vllm_token] - vllm_top2[hf_token])
-    return {"hf_top2": [[int(t), float(v)] for t, v in hf_top2.items()],
-            "vllm_top2": [[int(t), float(v)] for t, v in vllm_top2.items()],
+    def best2(d: Mapping[int, float]) -> list[list]:
+        return [[int(t), float(v)] for t, v in sorted(d.items(), key=lambda tv: -tv[1])[:2]]
+
+    return {"hf_top2": best2(hf_top2), "vllm_top2": best2(vllm_top2),
             "hf_top2_margin": top2_margin(hf_top2), "vllm_top2_margin": top2_margin(vllm_top2),
             "hf_margin": hf_margin, "vllm_margin": vllm_margin}
 

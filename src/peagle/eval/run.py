@@ -137,8 +137,8 @@ def compare_with_vllm(
     The same token ids, budgets (max new tokens, cut at the context) and stop ids as the prediction, all
     prompts in one batch per K'. Per prompt, vLLM's output and its own per-request rounds are compared with
     the prediction (`peagle.eval.agreement`): an output difference gets its first differing position and the
-    target's top-2 logit margin there on both engines (HF: the target's logits; vLLM: its log-probabilities,
-    requested with logprobs=2 in the same run), judged a near-tie against `near_tie` (default per precision,
+    target's logit margins there on both engines (HF: the target's logits; vLLM: its log-probabilities,
+    requested with logprobs=5 in the same run), judged a near-tie against `near_tie` (default per precision,
     `agreement.NEAR_TIE`); a round that accepted another count before any differing token is a draft
     disagreement. `ok` is true when no draft disagrees and every output difference is a near-tie.
     """
@@ -156,7 +156,7 @@ def compare_with_vllm(
     threshold = agreement.near_tie_threshold(precision, near_tie)
     dtype = "bfloat16" if precision == "bf16" else "float32"  # vLLM serves as the prediction ran
     served = served_counters(target.path, draft_dir, cs.prompt_ids, budgets, stops, range(1, k + 1),
-                             max_model_len=engine_len, dtype=dtype, logprobs=2)
+                             max_model_len=engine_len, dtype=dtype, logprobs=agreement.VLLM_LOGPROBS)
     out: dict[str, Any] = {"by_k": {}, "agrees": True, "differences": {}, "dtype": precision}
     hf_cache: dict[tuple[int, int], dict[int, float]] = {}
     rows_by_k: dict[int, list[dict[str, Any]]] = {}
@@ -184,7 +184,7 @@ def compare_with_vllm(
                 values, tokens = logits.topk(2)
                 hf = {int(t): float(v) for t, v in zip(tokens.tolist(), values.tolist(), strict=True)}
                 lp = res.get("logprobs", [[]] * len(rounds))[j]
-                vl = dict(sorted((lp[pos] if pos < len(lp) else {}).items(), key=lambda tv: -tv[1])[:2])
+                vl = dict(lp[pos]) if pos < len(lp) else {}
                 row.update(agreement.margins(hf, vl, row["offline_token"], row["vllm_token"],
                                              hf_logit=lambda t, x=logits: float(x[t])))
             elif row.get("lookahead"):
