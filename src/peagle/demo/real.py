@@ -269,18 +269,16 @@ def run_real_demo(
         al_bar=AL_BAR if s is REAL_FULL else None, bar_k=min(BAR_K, s.num_depths), matmul_gflops=gflops,
         target_cached=cached, regen=regen, prep=prep, heldout={k: len(heldout.get(k, [])) for k in KINDS},
         heldout_kinds=[r["kind"] for r in _interleave(heldout, s.eval_per_kind)], vllm=vllm, load_start=load,
-        autocast=_autocast(out / "run"))
+        autocast=_autocast(result.checkpoint))
     summary = stages.run("report", write_real_report, results)
     write_summary(out, summary, stages.seconds, t_start)
     log_real_outcome(results, summary, log)
     return summary
 
 
-def _autocast(run_dir: Path) -> str | None:
-    """The dtype ``train.dtype: auto`` chose (recorded in the final checkpoint's trainer state), if found."""
-    for path in sorted(run_dir.glob("step-*/trainer_state.json"), reverse=True):
-        try:
-            return json.loads(path.read_text()).get("autocast_dtype")
-        except (OSError, ValueError):
-            continue
-    return None
+def _autocast(checkpoint: Path) -> str | None:
+    """The dtype ``train.dtype: auto`` chose, as the final checkpoint's trainer state records it."""
+    try:
+        return json.loads((checkpoint / "trainer_state.json").read_text()).get("autocast_dtype")
+    except (OSError, ValueError):
+        return None
