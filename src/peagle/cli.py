@@ -393,7 +393,7 @@ def _cmd_regenerate(args: argparse.Namespace) -> int:
         engine = make_engine(args.engine, servers=args.server, model=args.model, target=args.target,
                              concurrency=args.concurrency, retries=args.retries, timeout=args.timeout,
                              batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
-                             pipeline_parallel_size=args.pipeline_parallel_size)
+                             pipeline_parallel_size=args.pipeline_parallel_size, progress=not args.no_progress)
         regenerate(args.inputs, args.out, engine, sampling=sampling, drop_truncated=args.drop_truncated,
                    split=args.split, limit=args.limit, progress=not args.no_progress)
     except (RegenError, DataError, OSError) as e:

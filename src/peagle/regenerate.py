@@ -174,10 +174,11 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """In-process vLLM (``vllm.LLM.chat``), tensor/pipeline parallel sizes passed through."""
+    """In-process vLLM (``vllm.LLM.chat``), tensor/pipeline parallel sizes passed through; ``progress`` shows
+    vLLM's own bar (prompts done, token rates) inside each chunk of requests, which can hold every record."""
 
     def __init__(self, target: str | Path, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 dtype: str = "auto", max_model_len: int | None = None) -> None:
+                 dtype: str = "auto", max_model_len: int | None = None, progress: bool = False) -> None:
         import torch
 
         from peagle.target.vllm_engine import VLLMError, import_llm
@@ -190,6 +191,7 @@ class VLLMEngine:
                        pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, max_model_len=max_model_len,
                        enforce_eager=not torch.cuda.is_available(), seed=0)
         self.concurrency = 256
+        self.progress = progress
 
     def complete(self, requests: Sequence[Request], sampling: Sampling,
                  length_hints: Sequence[int] | None = None) -> list[Completion]:
@@ -197,7 +199,7 @@ class VLLMEngine:
 
         sp = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens)
         tools = [t for _, t in requests]
-        outs = self.llm.chat([m for m, _ in requests], sp, use_tqdm=False,
+        outs = self.llm.chat([m for m, _ in requests], sp, use_tqdm=self.progress,
                              tools=tools[0] if tools and all(t == tools[0] for t in tools) else None)
         return [Completion(o.outputs[0].text, o.outputs[0].finish_reason or "stop", len(o.outputs[0].token_ids))
                 for o in outs]
@@ -361,7 +363,8 @@ def regenerate(
 
 def make_engine(engine: str | None, *, servers: Sequence[str] = (), model: str | None = None,
                 target: str | None = None, concurrency: int = 16, retries: int = 4, timeout: float = 600.0,
-                batch_size: int = 64, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> Any:
+                batch_size: int = 64, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                progress: bool = False) -> Any:
     """The engine ``peagle regenerate`` uses: "server" (default with servers), or in-process "vllm" / "hf"
     on ``target``; a :class:`RegenError` names what is missing."""
     engine = engine or ("server" if servers else None)
@@ -373,7 +376,8 @@ def make_engine(engine: str | None, *, servers: Sequence[str] = (), model: str |
         return ServerEngine(list(servers), model, concurrency=concurrency, retries=retries, timeout=timeout)
     if engine == "hf":
         return HFEngine(target, batch_size=batch_size)
-    return VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    return VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                      progress=progress)
 
 
 def check_sampling(sampling: Sampling, concurrency: int = 1) -> None:
