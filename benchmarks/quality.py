@@ -166,13 +166,14 @@ def plan(args, prepared: Path, states: Path, work: Path, max_steps: int) -> tupl
     return rows, tokens
 
 
-def steps_for(tokens: list[int], budget: float) -> int:
-    """The fewest plan steps whose rows hold at least ``budget`` tokens."""
+def steps_for(tokens: list[int], budget: float, *, within: bool = False) -> int:
+    """The fewest plan steps whose rows hold at least ``budget`` tokens; ``within``: the most steps whose rows
+    hold at most ``budget`` (an equal-time run never gets more time than the slower trainer took)."""
     total = 0
     for s, t in enumerate(tokens, 1):
         total += t
         if total >= budget:
-            return s
+            return s - 1 if within and total > budget and s > 1 else s
     sys.exit(f"quality.py: the plan holds {total} tokens, fewer than the budget {budget:.0f}; raise --max-plan-epochs")
 
 
@@ -189,7 +190,7 @@ def train_peagle(args, prepared: Path, states: Path, out: Path, steps: int, curv
     run([*peagle_cmd(), "train", out / "train.yaml"], out / "train.log")
     wall = time.perf_counter() - t0
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
-               if line.strip().startswith('{"step"')]
+               if '"step_s"' in line]
     step_s = [m["step_s"] for m in metrics]
     tok = [m["tokens"] for m in metrics]
     saved = {}
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                     for t in ("peagle", "speculators")}
             fast, slow = sorted(rate, key=rate.get, reverse=True)
             budget = rate[fast] * trained[f"{slow}/tokens"]["train_s"]
-            s2 = steps_for(tokens, budget)
+            s2 = steps_for(tokens, budget, within=True)
             print(f"equal time: {fast} {rate[fast]:.0f} tok/s vs {slow} {rate[slow]:.0f}: {fast} gets {s2} steps "
                   f"({budget:.0f} tokens) in {slow}'s {trained[f'{slow}/tokens']['train_s']:.0f} s", flush=True)
             trained[f"{slow}/time"] = trained[f"{slow}/tokens"]

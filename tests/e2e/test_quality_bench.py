@@ -34,6 +34,8 @@ def test_steps_for_takes_the_fewest_steps_that_hold_the_budget() -> None:
     assert quality.steps_for([100, 200, 300], 100) == 1
     assert quality.steps_for([100, 200, 300], 101) == 2
     assert quality.steps_for([100, 200, 300], 600) == 3
+    assert quality.steps_for([100, 200, 300], 450, within=True) == 2
+    assert quality.steps_for([100, 200, 300], 300, within=True) == 2
     with pytest.raises(SystemExit, match="fewer than the budget"):
         quality.steps_for([100], 101)
 
