@@ -113,23 +113,27 @@ class RealSettings(DraftSettings):
     al_max_new_tokens: int  # generation budget of the AL measured during training
 
 
+# Sized for the 30-min cold budget on a 2-core AVX-512 EPYC without AMX (~200 GFLOP/s fp32). Measured alone there
+# (2026-12-05), 1200 prompts / 320-token turns / draft vocabulary 16 384 / 600 steps / 60 evaluated prompts of 192
+# tokens took 52 min (regenerate 14.3 min at 326 tok/s, prepare + states 7.6, train 17.5 at 1.55 s/step, eval 12)
+# for AL@4 1.635; this size keeps the same path at about half of every stage (README, "make demo-real").
 REAL_FULL = RealSettings(
     seed=0,
-    num_prompts=1200,
+    num_prompts=700,
     heldout_per_kind=32,
-    eval_per_kind=12,
-    regen_max_tokens=320,
+    eval_per_kind=8,
+    regen_max_tokens=192,
     regen_batch_size=32,
     cache_states=True,
     freeze_lm_head=False,
-    num_al_prompts=20,
-    al_max_new_tokens=128,
-    max_new_tokens=192,
+    num_al_prompts=12,
+    al_max_new_tokens=96,
+    max_new_tokens=128,
     max_length=1024,
-    draft_vocab_size=16384,
+    draft_vocab_size=8192,
     num_layers=1,
     num_depths=4,
-    steps=600,
+    steps=500,
     micro_batch_size=1,
     lr=1.5e-3,
     warmup_steps=30,
