@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,10 @@ WORDS = ["pear", "apple", "fig", "plum", "kiwi", "lime", "date", "melon"]
 NEW_TOKENS = 32
 NUM_EVAL_PROMPTS = 16
 K = 4
+
+# tests/stream_helpers.py is shared with the fast suite's streamed-states tests (appended: this directory's
+# modules, conftest among them, come first)
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def _prompts(n: int, seed: int) -> list[str]:

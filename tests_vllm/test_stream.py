@@ -6,8 +6,10 @@ vLLM engine gives the same batches and the same losses (to fp32 rounding). A vLL
 (started with the extraction method and the hidden-states connector, `peagle.target.vllm_server.server_args`)
 killed mid-run: the run stops with one line and a checkpoint; with the server started again,
 ``--resume auto`` finishes the run and every step equals the uninterrupted run's. The in-process engine's
-process killed mid-run is restarted by the stream's retry, and training goes on unchanged. Engine starts
-dominate the time (five: the cache, the in-process stream twice, the server twice).
+process killed mid-run is restarted by the stream's retry, and training goes on unchanged. Two torchrun ranks
+(gloo; DDP, then FSDP2) streaming from one shared server each ask it only for their own micro-batches and
+validation rows, and train what one process trains from the cache with twice the accumulation. Engine starts
+dominate the time (six: the cache, the in-process stream twice, the server three times).
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import CORPUS
+from stream_helpers import stream_config, train_records
 from test_states import MAX_LENGTH, _chats
 
 from peagle.cli import main
 from peagle.demo.offline_models import tiny_target, train_chat_tokenizer
 
 STEPS = 8
-KEEP = ("step", "tokens", "supervised", "loss", "grad_norm", "acc")
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +50,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "target": target, "data": root / "data", "cache": root / "cache"}
 
 
-def _config(setup: dict[str, Path], out: Path, **data) -> Path:
-    cfg = {
-        "data": {"dataset": str(setup["data"]), "max_length": MAX_LENGTH, "val_fraction": 0.1, **data},
-        "model": {"target": str(setup["target"]), "num_layers": 1, "num_depths": 3},
-        "optim": {"lr": 3e-3, "warmup_steps": 2},
-        # fp32: the comparison is to fp32 rounding
-        "train": {"output_dir": str(out), "micro_batch_size": 2, "grad_accum": 2, "max_steps": STEPS,
-                  "save_every": 0, "eval_every": 4, "progress": False, "tensorboard": False, "device": "cpu",
-                  "dtype": "fp32"},
-        "eval": {"enabled": False},
-    }
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _records(out: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [{k: r[k] for k in KEEP} for r in rows if r.get("split") != "val" and "loss" in r]
-    val = [{k: r[k] for k in ("step", "loss", "acc")} for r in rows if r.get("split") == "val"]
-    return train, val
+def _config(setup: dict[str, Path], out: Path, train: dict | None = None, **data) -> Path:
+    return stream_config(out, setup["data"], setup["target"], max_length=MAX_LENGTH, steps=STEPS,
+                         data={"val_fraction": 0.1, **data}, optim={"warmup_steps": 2},
+                         train={"micro_batch_size": 2, "eval_every": 4, "device": "cpu", **(train or {})})
 
 
 def _same(a: tuple[list[dict], list[dict]], b: tuple[list[dict], list[dict]], what: str) -> float:
@@ -123,7 +107,8 @@ def test_stream_in_process_equals_the_vllm_cache(setup, tmp_path, capsys, monkey
     print(f"streamed run (two engine starts included): {time.perf_counter() - t0:.1f} s")
     log = capsys.readouterr().out
     assert "retry 1/2" in log and "staging area peak" in log
-    _same(_records(tmp_path / "cache_run"), _records(tmp_path / "stream_run"), "in-process stream vs vLLM cache")
+    _same(train_records(tmp_path / "cache_run"), train_records(tmp_path / "stream_run"),
+          "in-process stream vs vLLM cache")
     s = result.stream
     assert s["micro_batches"] == STEPS * 2 and s["retries"] == 1 and s["staged_bytes"] == 0
     # the staging area: never more than 2 steps × 2 micro-batches × 2 rows of MAX_LENGTH tokens of bf16 states
@@ -220,5 +205,93 @@ def test_server_killed_mid_run_then_resume_exactly(setup, tmp_path, capsys, monk
     assert not list(storage.glob("*.safetensors"))  # every file the servers wrote was read and deleted
     ref = tmp_path / "ref"
     assert main(["train", str(_config(setup, ref, cache=str(setup["cache"])))]) == 0
-    _same(_records(ref), _records(tmp_path / "run"), "server stream killed + resumed vs uninterrupted (vLLM cache)")
+    _same(train_records(ref), train_records(tmp_path / "run"),
+          "server stream killed + resumed vs uninterrupted (vLLM cache)")
 
+
+def _torchrun(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python SCRIPT ARGS`` in 2 CPU processes (torchrun, gloo), one thread each (as tests/e2e's torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), *args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_torchrun_ranks_stream_their_own_share_from_one_server(setup, tmp_path, monkeypatch):
+    """2 ranks (torchrun, gloo; DDP, then FSDP2) stream from ONE vLLM server: each asks it only for what it
+    trains — its micro-batch of every step, its share of the validation rows — and each run equals the
+    single-process run from the vLLM cache with twice the accumulation: same steps, tokens and supervised
+    counts, losses, gradient norms and validations to fp32 rounding, the same final weights."""
+    from safetensors.torch import load_file
+
+    from peagle.config.training import load_config
+    from peagle.data import load_prepared
+    from peagle.run.loader import TrainData
+
+    # the reference: one process, 2 micro-batches of 2 rows a step, states from the cache; what each step trains
+    trained: list[list[list[list[int]]]] = []
+    micro_rows = TrainData.step_micro_rows
+
+    def recording_micro_rows(self, epoch, row, rank, world):
+        rows = micro_rows(self, epoch, row, rank, world)
+        trained.append(rows)
+        return rows
+
+    monkeypatch.setattr(TrainData, "step_micro_rows", recording_micro_rows)
+    one = _config(setup, tmp_path / "one", cache=str(setup["cache"]))
+    assert main(["train", str(one)]) == 0
+    monkeypatch.undo()
+    assert len(trained) == STEPS and all(len(step) == 2 for step in trained)
+
+    # 2 ranks × 1 micro-batch of 2 rows; one step's states asked for at a time (one request = one micro-batch)
+    storage = tmp_path / "hs"
+    server = Server(setup["target"], storage, tmp_path / "server.log")
+    runs = {}
+    try:
+        for parallel in ("ddp", "fsdp"):
+            (tmp_path / f"requests-{parallel}").mkdir()
+            cfg = _config(setup, tmp_path / parallel, train={"grad_accum": 1, "parallel": parallel}, states="stream",
+                          stream_servers=[server.url], stream_prefetch=1, stream_timeout=120)
+            t0 = time.perf_counter()
+            runs[parallel] = _torchrun(Path(__file__).with_name("record_server_requests.py"), "train", str(cfg),
+                                       env={"PEAGLE_TEST_REQUESTS": str(tmp_path / f"requests-{parallel}")})
+            print(f"torchrun ({parallel}), 2 ranks streaming from one server: {time.perf_counter() - t0:.1f} s")
+    finally:
+        server.kill()
+
+    prepared = load_prepared(setup["data"])
+
+    def tokens(i: int) -> list[int]:
+        return [int(t) for t in prepared[i]["input_ids"]]
+
+    val_ids = TrainData(load_config(one), prepared, rows_per_step=4).val_ids
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    for parallel, proc in runs.items():
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert f"train.parallel {parallel}: " in proc.stdout and " 2 ranks" in proc.stdout
+        assert f"streamed target states: {STEPS} micro-batches" in proc.stdout  # rank 0's half of the 2 × STEPS
+
+        _same(train_records(tmp_path / "one"), train_records(tmp_path / parallel),
+              f"torchrun {parallel} stream vs 1 process cache")
+        wb = load_file(str(tmp_path / parallel / "final" / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{parallel}: {k}")
+        worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+        print(f"{parallel}: final weights' max abs difference {worst:.3g}")
+
+        val_shares = []
+        for rank in (0, 1):
+            calls = [json.loads(x) for x in (tmp_path / f"requests-{parallel}" / f"rank{rank}.jsonl").read_text()
+                     .splitlines()]
+            streamed = [c["ids"] for c in calls if c["thread"] == "peagle-states-stream"]
+            # rank r's requests: the single process's micro-batch r of every step, in order, and nothing more
+            assert streamed == [[tokens(i) for row in step[rank] for i in row] for step in trained], (parallel, rank)
+            val = [ids for c in calls if c["thread"] != "peagle-states-stream" for ids in c["ids"]]
+            half = len(val) // 2  # two validations (after step 4 and at the end), the same share each time
+            assert len(val) == 2 * half and val[:half] == val[half:], (parallel, rank)
+            val_shares.append(val[:half])
+        # the ranks' validation shares: every validation example once, on one rank or the other
+        assert sorted(val_shares[0] + val_shares[1]) == sorted(tokens(i) for i in val_ids), parallel
+        assert val_shares[0] and val_shares[1]
+    assert not list(storage.glob("*.safetensors"))  # every file the server wrote for any rank was read and deleted

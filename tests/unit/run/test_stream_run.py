@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
+from stream_helpers import stream_config, train_records
 
 import peagle.run.build as build_mod
 import peagle.target.stream as stream_mod
@@ -73,26 +73,9 @@ class CacheExtractor:
 
 
 def _config(setup: dict[str, Path], out: Path, eval_every: int = 3, **data: Any) -> Path:
-    cfg = {
-        "data": {"dataset": str(setup["data"]), "max_length": 64, "val_fraction": 0.2, **data},
-        "model": {"target": str(setup["target"]), "num_layers": 1, "num_depths": 3},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"dtype": "fp32", "output_dir": str(out), "micro_batch_size": 1, "grad_accum": 2,
-                  "max_steps": STEPS, "save_every": 2, "eval_every": eval_every, "progress": False,
-                  "tensorboard": False},
-        "eval": {"enabled": False},
-    }
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return stream_config(out, setup["data"], setup["target"], max_length=64, steps=STEPS,
+                         data={"val_fraction": 0.2, **data}, train={"save_every": 2, "eval_every": eval_every})
 
-
-def _records(out: Path) -> tuple[list[dict], list[dict]]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    keep = ("step", "tokens", "supervised", "loss", "grad_norm", "acc")
-    train = [{k: r[k] for k in keep if k in r} for r in rows if r.get("split") != "val" and "loss" in r]
-    val = [{k: r[k] for k in ("step", "loss", "acc")} for r in rows if r.get("split") == "val"]
-    return train, val
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -125,7 +108,7 @@ def test_stream_trains_exactly_the_cache_run(setup, streamed, tmp_path, capsys):
     assert main(["train", str(_config(setup, tmp_path / "stream_run", states="stream"))]) == 0
     out = capsys.readouterr().out
     assert "data.states stream: target states from" in out and "staging area peak" in out
-    a, b = _records(tmp_path / "cache_run"), _records(tmp_path / "stream_run")
+    a, b = train_records(tmp_path / "cache_run"), train_records(tmp_path / "stream_run")
     assert len(a[0]) == STEPS and a == b  # same batches, bitwise the same losses (train and validation)
     wa, wb = _weights(tmp_path / "cache_run"), _weights(tmp_path / "stream_run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -152,7 +135,7 @@ def test_failure_checkpoint_then_exact_resume(setup, streamed, tmp_path, capsys)
     stopped = int(ckpts[-1].removeprefix("step-"))
     assert stopped == 3 and "at step 3" in err and "before step 4/6" in err
     assert main(["train", str(cfg), "--resume", "auto"]) == 0
-    ref, got = _records(tmp_path / "ref"), _records(tmp_path / "run")
+    ref, got = train_records(tmp_path / "ref"), train_records(tmp_path / "run")
     assert got == ref  # every step once (the resumed ones exactly as uninterrupted), validation too
     wa, wb = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -164,7 +147,7 @@ def test_a_transient_failure_is_retried(setup, streamed, tmp_path, capsys):
     assert main(["train", str(_config(setup, tmp_path / "run", states="stream"))]) == 0
     assert "retry 1/3" in capsys.readouterr().out
     assert streamed[0].resets == 1
-    assert _records(tmp_path / "ref") == _records(tmp_path / "run")
+    assert train_records(tmp_path / "ref") == train_records(tmp_path / "run")
 
 
 def test_in_process_stream_without_vllm_is_one_line(setup, tmp_path, monkeypatch, capsys):
@@ -212,7 +195,7 @@ def test_a_failure_in_validation_saves_the_step_and_resumes(setup, streamed, tmp
     assert "checkpoint" in err and "at step 3" in err
     monkeypatch.setattr(CacheExtractor, "fail_validation", False)
     assert main(["train", str(cfg), "--resume", "auto"]) == 0
-    (ref_train, ref_val), (got_train, got_val) = _records(tmp_path / "ref"), _records(tmp_path / "run")
+    (ref_train, ref_val), (got_train, got_val) = train_records(tmp_path / "ref"), train_records(tmp_path / "run")
     assert got_train == ref_train and got_val == [v for v in ref_val if v["step"] != 3]
 
 
@@ -226,4 +209,4 @@ def test_a_failure_in_the_final_validation(setup, streamed, tmp_path, capsys, mo
     monkeypatch.setattr(CacheExtractor, "fail_validation", False)
     assert main(["train", str(cfg), "--resume", "auto"]) == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
-    assert [v["step"] for v in _records(tmp_path / "run")[1]] == [6]
+    assert [v["step"] for v in train_records(tmp_path / "run")[1]] == [6]
