@@ -116,7 +116,7 @@ class RealSettings(DraftSettings):
 # Sized for the 30-min cold budget on a 2-core AVX-512 EPYC without AMX (~200 GFLOP/s fp32). Measured alone there
 # (2026-12-05), 1200 prompts / 320-token turns / draft vocabulary 16 384 / 600 steps / 60 evaluated prompts of 192
 # tokens took 52 min (regenerate 14.3 min at 326 tok/s, prepare + states 7.6, train 17.5 at 1.55 s/step, eval 12)
-# for AL@4 1.635; this size keeps the same path at about half of every stage (README, "make demo-real").
+# for AL@4 1.635; this size took 24.1 min cold alone there for AL@4 1.623 by vLLM (README, "make demo-real").
 REAL_FULL = RealSettings(
     seed=0,
     num_prompts=700,
