@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -130,7 +129,7 @@ def train_config(args, prepared: Path, states: Path, out: Path, steps: int, save
         "model": {"target": args.target, "num_layers": args.layers, "num_depths": args.k},
         "optim": {},
         "train": {"output_dir": str(out), "micro_batch_size": 1, "grad_accum": 1, "max_steps": steps, "seed": 0,
-                  "save_every": save_every, "keep_last": 100, "eval_every": 0, "log_every": 1, "device": "cpu",
+                  "save_every": save_every, "keep_last": 1000, "eval_every": 0, "log_every": 1, "device": "cpu",
                   "tensorboard": False, "progress": False, "dtype": "bf16"},
         "eval": {"enabled": False},
     }
@@ -183,7 +182,7 @@ def train_peagle(args, prepared: Path, states: Path, out: Path, steps: int, curv
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    save_every = math.gcd(*curve, steps) if curve else 0
+    save_every = curve[0] if curve else 0  # the curve's steps are multiples of its first (see main)
     cfg = train_config(args, prepared, states, out / "run", steps, save_every, overrides)
     (out / "train.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
@@ -354,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = int(args.max_plan_epochs * row_tokens / args.max_length * 1.2) + 10
     rows, tokens = plan(args, prepared, states, work, max_steps)
     steps = steps_for(tokens, args.tokens)
-    curve = sorted({max(1, round(steps * (j + 1) / args.curve)) for j in range(args.curve - 1)})
+    every = max(1, steps // args.curve)  # peagle checkpoints every N steps: the curve takes multiples of N
+    curve = [every * (j + 1) for j in range(args.curve - 1) if every * (j + 1) < steps]
     print(f"plan: {steps} steps hold {sum(tokens[:steps])} tokens (budget {args.tokens:.0f}); curve at {curve}",
           flush=True)
 
