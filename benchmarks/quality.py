@@ -95,7 +95,7 @@ def run(cmd: list[Any], log: Path, env: dict[str, str] | None = None) -> str:
         f.write(proc.stdout)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
-        sys.exit(f"quality.py: {Path(cmd[1]).name if len(cmd) > 1 else cmd[0]} failed (exit {proc.returncode}); "
+        sys.exit(f"quality.py: the {log.stem} stage failed (exit {proc.returncode}); "
                  f"see {log}: {' | '.join(tail)}")
     return proc.stdout
 
