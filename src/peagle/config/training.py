@@ -119,7 +119,8 @@ class ModelConfig:
     fc_norm: bool = _f(False)
     norm_output: bool = _f(False)
     init_embed_from_target: bool = _f(True, help="start embed_tokens from the target's input embedding")
-    init_lm_head_from_target: bool = _f(False, help="initialise lm_head from the target's draft-vocab rows")
+    init_lm_head_from_target: bool = _f(True, help="initialise lm_head from the target's draft-vocab rows "
+                                        "(trained unless freeze_lm_head; docs/training.md, 'Defaults')")
     freeze_lm_head: bool = _f(False, help="keep lm_head fixed (use with init_lm_head_from_target)")
     activation_checkpointing: bool = _f(False, help="recompute draft layers in backward")
     sequence_partitions: int = _f(1, **LIMITS["sequence_partitions"],
@@ -130,11 +131,11 @@ class ModelConfig:
 class OptimConfig:
     """AdamW and the warmup + cosine schedule."""
 
-    lr: float = _f(3.0e-4, gt=0.0, help="peak learning rate")
+    lr: float = _f(1.5e-3, gt=0.0, help="peak learning rate (docs/training.md, 'Defaults')")
     betas: list[float] = _f([0.9, 0.95], help="AdamW betas")
     eps: float = _f(1.0e-8, gt=0.0)
     weight_decay: float = _f(0.0, ge=0.0)
-    warmup_steps: int = _f(0, ge=0, help="linear warmup steps")
+    warmup_steps: int = _f(15, ge=0, help="linear warmup steps")
     min_lr_ratio: float = _f(0.1, ge=0.0, le=1.0, help="cosine floor as a fraction of lr")
     grad_clip: float | None = _f(1.0, gt=0.0, help="max global grad norm (null = no clipping)")
 

@@ -113,7 +113,7 @@ def test_wrong_type(cfg_file: Path, override: list[str], fragment: str) -> None:
         (["--model.ratio_min", "0.9"], "must not exceed model.ratio"),
         (["--optim.betas", "[0.9, 1.5]"], "optim.betas"),
         (["--model.mask_token_id", "-3"], "mask_token_id"),
-        (["--model.freeze_lm_head", "true"], "init_lm_head_from_target"),
+        (["--model.freeze_lm_head", "true", "--model.init_lm_head_from_target", "false"], "init_lm_head_from_target"),
     ],
 )
 def test_out_of_range(cfg_file: Path, override: list[str], fragment: str) -> None:
