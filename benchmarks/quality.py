@@ -39,14 +39,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+FULL = {"max_length": 1024, "heldout_limit": 12, "max_new_tokens": 128, "curve": 3}
+QUICK = {"max_length": 128, "heldout_limit": 4, "max_new_tokens": 16, "curve": 2}
 
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_main(spec_path: str, out_path: str) -> None:
     """(runs in the vLLM venv) vLLM's counters for every draft of the spec, split per held-out file."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
-    from peagle.eval.prompts import load_prompts, tokenize_prompts
+    from peagle.eval.prompts import load_prompts, stop_token_ids_of, tokenize_prompts
     from peagle.target.vllm_engine import served_counters
 
     spec = json.loads(Path(spec_path).read_text())
@@ -56,8 +58,7 @@ def score_main(spec_path: str, out_path: str) -> None:
         recs = load_prompts(path)[: spec["limit"]]
         prompts += tokenize_prompts(tok, recs)
         owner += [name] * len(recs)
-    eos = GenerationConfig.from_pretrained(spec["target"]).eos_token_id
-    stops = sorted({*([eos] if isinstance(eos, int) else list(eos or [])), tok.eos_token_id} - {None})
+    stops = stop_token_ids_of(spec["target"], tok)
     longest = max(len(p) for p in prompts) + spec["max_new_tokens"]
     results = {}
     for label, entry in spec["drafts"].items():
@@ -318,16 +319,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prepared", default=None, help="reuse a `peagle prepare` output ...")
     p.add_argument("--states", default=None, help="... and its `--cache` states")
     p.add_argument("--draft-vocab-size", type=int, default=16384)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--heldout-limit", type=int, default=12, help="prompts per held-out file")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--curve", type=int, default=3, help="points of the AL-vs-tokens curve per equal-token run")
+    p.add_argument("--max-length", type=int, default=None, help=f"row length (default {FULL['max_length']})")
+    p.add_argument("--heldout-limit", type=int, default=None,
+                   help=f"prompts per held-out file (default {FULL['heldout_limit']})")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {FULL['max_new_tokens']}")
+    p.add_argument("--curve", type=int, default=None,
+                   help=f"points of the AL-vs-tokens curve per equal-token run (default {FULL['curve']})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a minutes-long run through every stage (the vLLM suite's): {QUICK} unless given")
     p.add_argument("--no-equal-time", action="store_true")
     p.add_argument("--ablate", action="append", default=[], help="NAME=section.key=value,... (peagle only)")
     p.add_argument("--set", action="append", default=[], dest="peagle_set",
                    help="section.key=value applied to every peagle run (e.g. the defaults under test)")
     p.add_argument("--max-plan-epochs", type=int, default=4)
     args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if not args.prepared and not args.chats:
         p.error("--chats is required unless --prepared/--states are given")
     if bool(args.prepared) != bool(args.states):

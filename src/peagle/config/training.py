@@ -112,6 +112,9 @@ class ModelConfig:
     ratio_min: float = _f(0.2, **LIMITS["ratio_min"], help="COD ratio floor r_min")
     max_anchors: int | None = _f(None, **LIMITS["max_anchors"],
                                  help="cap on supervised chain starts per document (null = off)")
+    loss_normalization: Literal["elements", "depths"] = _f(
+        "elements", help="how the step's KL sum is averaged: elements (over every supervised element, as "
+        "speculators and NeMo) or depths (each depth's mean weighs 1/K); docs/conventions.md, 'Loss'")
     draft_vocab_size: int | None = _f(None, ge=1, help="null = the vocabulary chosen by `peagle prepare`")
     mask_token_id: int | Literal["auto"] = _f("auto", help="'auto' = the id chosen by `peagle prepare`")
     norm_before_residual: bool = _f(False)

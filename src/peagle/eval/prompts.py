@@ -16,7 +16,7 @@ from typing import Any
 
 from peagle.eval.errors import EvalError
 
-__all__ = ["load_prompts", "load_tokenizer", "stop_token_ids", "tokenize_prompts"]
+__all__ = ["load_prompts", "load_tokenizer", "stop_token_ids", "stop_token_ids_of", "tokenize_prompts"]
 
 
 def load_prompts(path: str | Path) -> list[dict[str, Any]]:
@@ -148,11 +148,25 @@ def load_tokenizer(target: Any) -> Any:
 
 def stop_token_ids(target: Any, tokenizer: Any = None) -> list[int]:
     """The ids that end a generation, as vLLM uses them: generation_config eos ids + tokenizer eos."""
+    return _stop_ids(getattr(target.model, "generation_config", None), target.model.config, tokenizer)
+
+
+def stop_token_ids_of(model_dir: str | Path, tokenizer: Any = None) -> list[int]:
+    """`stop_token_ids` of a model directory, without loading its weights (a process that only drives vLLM)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the model config's eos
+        gen = None
+    return _stop_ids(gen, AutoConfig.from_pretrained(model_dir), tokenizer)
+
+
+def _stop_ids(gen: Any, config: Any, tokenizer: Any) -> list[int]:
     ids: list[int] = []
-    gen = getattr(target.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
     if eos is None:
-        eos = getattr(target.model.config, "eos_token_id", None)
+        eos = getattr(config, "eos_token_id", None)
     ids += [eos] if isinstance(eos, int) else list(eos or [])
     tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if tok_eos is not None:

@@ -12,7 +12,7 @@ log-probs log p (target logits restricted to the draft vocab, renormalised):
 the ~K elements that share a target position share one target softmax) and recomputes each
 chunk's logits in backward, so extra memory is O(chunk × Vd) instead of O(E × Vd). All maths in fp32;
 gradients come back in the inputs' dtypes. The loss is a SUM: the caller divides by the global count
-of supervised elements (docs/conventions.md, "Loss").
+of supervised elements, or weights each depth by ``depth_weight`` (docs/conventions.md, "Loss").
 """
 
 from __future__ import annotations
@@ -164,16 +164,19 @@ def _backward_chunks(
     need_h: bool,
     need_w: bool,
     kept: list[torch.Tensor] = (),
+    row_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """dz = g·(q − p) (kept by the forward, else recomputed); dh = dz @ W, dW += dzᵀ @ h."""
+    """dz = g·w_e·(q − p) (kept by the forward, else recomputed; w_e = 1 without ``row_weight`` [E]);
+    dh = dz @ W, dW += dzᵀ @ h."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     w32 = weight.to(acc)
-    g = grad_sum.to(acc)
+    g_all = grad_sum.to(acc) if row_weight is None else grad_sum.to(acc) * row_weight.to(acc)[:, None]
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w32 = torch.zeros_like(w32) if need_w else None
     for start in range(0, hidden.shape[0], chunk_size):
         end = min(start + chunk_size, hidden.shape[0])
         h32 = hidden[start:end].to(acc)
+        g = g_all if row_weight is None else g_all[start:end]
         if start // chunk_size < len(kept):
             dz = kept[start // chunk_size].mul_(g)
         else:
@@ -189,8 +192,8 @@ def _backward_chunks(
 
 class _ChunkedKL(torch.autograd.Function):
     """Chunked forward KL (see the module docstring). Outputs (kl_sum, kl_per_depth, correct, count);
-    only kl_sum is differentiable. Saves the inputs and q − p of the first chunks (`_KEEP_BYTES`);
-    autocast is disabled inside (fp32 maths)."""
+    only kl_sum (Σ_d depth_weight_d · kl_d, the weights 1 when not given) is differentiable. Saves the
+    inputs and q − p of the first chunks (`_KEEP_BYTES`); autocast is disabled inside (fp32 maths)."""
 
     @staticmethod
     def forward(
@@ -204,29 +207,33 @@ class _ChunkedKL(torch.autograd.Function):
         target_head: nn.Module | None,
         target_index: torch.Tensor | None,
         chunk_size: int,
+        depth_weight: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         target = (target_logits, target_hidden, target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
             keep: list[torch.Tensor] | None = [] if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
             sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size, keep)
         kl_per_depth, correct, count = sums
-        ctx.save_for_backward(hidden, weight, target_logits, target_hidden, target_index)
+        row_weight = None if depth_weight is None else depth_weight.to(kl_per_depth)[depth]
+        ctx.save_for_backward(hidden, weight, target_logits, target_hidden, target_index, row_weight)
         ctx.target_head = target_head
         ctx.chunk_size = chunk_size
         ctx.kept = keep or []
         ctx.mark_non_differentiable(kl_per_depth, correct, count)
-        return kl_per_depth.sum(), kl_per_depth, correct, count
+        kl_sum = kl_per_depth.sum() if depth_weight is None else (kl_per_depth * depth_weight.to(kl_per_depth)).sum()
+        return kl_sum, kl_per_depth, correct, count
 
     @staticmethod
     def backward(ctx: Any, grad_sum: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, target_logits, target_hidden, target_index = ctx.saved_tensors
+        hidden, weight, target_logits, target_hidden, target_index, row_weight = ctx.saved_tensors
         target = (target_logits, target_hidden, ctx.target_head, target_index)
         with torch.autocast(hidden.device.type, enabled=False):
             need_h, need_w = ctx.needs_input_grad[:2]
-            grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w, ctx.kept)
+            grads = _backward_chunks(grad_sum, hidden, weight, target, ctx.chunk_size, need_h, need_w, ctx.kept,
+                                     row_weight)
         ctx.kept = []
         grad_h, grad_w = grads
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def kl_loss(
@@ -240,6 +247,7 @@ def kl_loss(
     target_head: nn.Module | None = None,
     target_index: torch.Tensor | None = None,
     chunk_size: int = 2048,
+    depth_weight: torch.Tensor | None = None,
 ) -> LossSums:
     """Summed forward KL(target ‖ draft) over the draft vocab, plus per-depth metrics.
 
@@ -249,7 +257,8 @@ def kl_loss(
     the draft vocab) or target_hidden [E, Ht] with target_head (a `TargetHead`); with target_index [E]
     the target tensors are indexed by it chunk by chunk (no [E, Vd] gather), the elements sorted by it so
     that each distinct target row is normalised once. The target never gets a gradient. Extra memory
-    is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32.
+    is O(chunk_size × Vd), plus an fp32 copy of W when W is not fp32. ``depth_weight`` [K]: kl_sum is
+    Σ_d depth_weight_d · (KL summed over depth d) instead of the plain sum (the metrics stay unweighted).
     """
     if (target_logits is None) == (target_hidden is None):
         raise ValueError("give exactly one of target_logits or target_hidden (+ target_head)")
@@ -273,6 +282,8 @@ def kl_loss(
         )
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if depth_weight is not None and tuple(depth_weight.shape) != (num_depths,):
+        raise ValueError(f"depth_weight must have shape ({num_depths},), got {tuple(depth_weight.shape)}")
     depth = depth.long()
     if target_index is not None:  # sorted by target row: a chunk's elements share their target rows
         target_index = target_index.long()
@@ -288,8 +299,25 @@ def kl_loss(
         target_head,
         target_index,
         chunk_size,
+        None if depth_weight is None else depth_weight.detach(),
     )
     return LossSums(kl_sum, kl_per_depth, correct, count)
 
 
-__all__ = ["LossSums", "TargetHead", "kl_loss"]
+def loss_divisor(count_per_depth: torch.Tensor, normalization: str) -> float | tuple[float, ...]:
+    """The divisor of one optimizer step's KL sum, from its global supervised counts per depth [K].
+
+    "elements": one number, the count of every depth (each supervised element weighs the same, so depth
+    0, the most numerous after COD, carries most of the loss). "depths": K numbers, K · count_d (each
+    depth's mean KL weighs 1/K: a deep element, rarer after COD, weighs more). Counts of 0 count as 1.
+    Plain floats, not tensors: FSDP's mixed precision would cast a tensor argument of the forward to bf16.
+    """
+    if normalization == "elements":
+        return float(max(float(count_per_depth.sum()), 1.0))
+    if normalization == "depths":
+        k = count_per_depth.numel()
+        return tuple(k * max(float(c), 1.0) for c in count_per_depth.tolist())
+    raise ValueError(f"loss normalization must be 'elements' or 'depths', got {normalization!r}")
+
+
+__all__ = ["LossSums", "TargetHead", "kl_loss", "loss_divisor"]

@@ -114,6 +114,10 @@ class Layout:
         """Supervised COD elements (the loss count; all-reduce it across ranks first)."""
         return int(self.supervised.sum())
 
+    def supervised_per_depth(self, num_depths: int) -> Tensor:
+        """Supervised COD elements of each depth, float64 [K] (for `loss_divisor`; all-reduce them first)."""
+        return torch.bincount(self.depth[self.supervised], minlength=num_depths).double().cpu()
+
 
 class Unit:
     """One forward + backward of a batch (a plain object: DDP must not scatter it).
@@ -267,9 +271,12 @@ class PEagleTrainer(nn.Module):
         yield Unit("context", batch, lay, shared)
 
     # ----------------------------------------------------------------------------------- forward
-    def forward(self, unit: Unit | Batch, normalizer: float | Tensor | None = None) -> StepOutput:
+    def forward(self, unit: Unit | Batch, normalizer: float | Tensor | tuple[float, ...] | None = None
+                ) -> StepOutput:
         """KL sum / normalizer (default: the batch's supervised count) and exact sums/counts.
 
+        ``normalizer`` is a number (every element weighs 1/normalizer) or K numbers (an element of depth d
+        weighs 1/normalizer[d]): `peagle.model.loss.loss_divisor` makes either from the step's counts.
         A `Batch` is run as its single flat unit (sequence partitions need `units`).
         """
         if isinstance(unit, Batch):
@@ -285,8 +292,9 @@ class PEagleTrainer(nn.Module):
         ids, hidden, positions, slots = self._assemble(unit.batch, lay, deep, stream=True)
         h = self.draft(ids, hidden, positions, self._attention(lay), slots)
         sup = torch.nonzero(lay.supervised).squeeze(1)
-        sums = self._loss(unit.batch, lay, h.index_select(0, sup), sup)
-        return StepOutput(sums.kl_sum / _normalizer(normalizer, sup.numel()), StepMetrics.from_sums(sums))
+        weight, divisor = _scale(normalizer, sup.numel())
+        sums = self._loss(unit.batch, lay, h.index_select(0, sup), sup, weight)
+        return StepOutput(sums.kl_sum / divisor, StepMetrics.from_sums(sums))
 
     def _attention(self, lay: Layout) -> object:
         mode = self.attention
@@ -315,7 +323,8 @@ class PEagleTrainer(nn.Module):
             positions.append(lay.positions[lay.anchor[deep]] + lay.depth[deep])
         return ids, hidden, torch.cat(positions), slots
 
-    def _loss(self, batch: Batch, lay: Layout, hidden: Tensor, elements: Tensor) -> LossSums:
+    def _loss(self, batch: Batch, lay: Layout, hidden: Tensor, elements: Tensor,
+              depth_weight: Tensor | None = None) -> LossSums:
         """KL sums of `elements` (supervised) whose pre-norm draft hidden states are `hidden`."""
         if elements.numel() == 0:  # nothing supervised: differentiable zeros
             z = torch.zeros(self.num_depths, dtype=torch.float64)
@@ -327,7 +336,8 @@ class PEagleTrainer(nn.Module):
         else:
             kwargs = {"target_logits": batch.target_logits.reshape(lay.num_stream, -1)}
         return kl_loss(self.draft.final_hidden(hidden), self.draft.lm_head.weight, lay.depth[elements],
-                       self.num_depths, target_index=ref, chunk_size=self.loss_chunk_size, **kwargs)
+                       self.num_depths, target_index=ref, chunk_size=self.loss_chunk_size,
+                       depth_weight=depth_weight, **kwargs)
 
     # ---------------------------------------------------------------------- sequence partitions
     def _stream(self, batch: Batch, lay: Layout) -> tuple[Tensor, dict]:
@@ -339,7 +349,7 @@ class PEagleTrainer(nn.Module):
                             stream_shape=(n // lay.n, lay.n))
         return self.draft(ids, hidden, positions, attn), record
 
-    def _segment_forward(self, unit: Unit, normalizer: float | Tensor | None) -> StepOutput:
+    def _segment_forward(self, unit: Unit, normalizer: float | Tensor | tuple[float, ...] | None) -> StepOutput:
         lay, shared, deep, charged = unit.layout, unit.shared, unit.deep, unit.charged
         if shared.context is None:
             shared.stream = h, record = self._stream(unit.batch, lay)
@@ -353,9 +363,9 @@ class PEagleTrainer(nn.Module):
             attn = CODAttention(lay.key_start[deep], lay.anchor[deep],
                                 local_chains(lay.chain[deep], deep, lay.anchor.numel()), context=shared.context)
             rows.append(self.draft(ids, hidden, positions, attn, slots))
-        sums = self._loss(unit.batch, lay, torch.cat(rows), torch.cat([charged[from_stream], deep]))
-        return StepOutput(sums.kl_sum / _normalizer(normalizer, shared.supervised_count),
-                          StepMetrics.from_sums(sums))
+        weight, divisor = _scale(normalizer, shared.supervised_count)
+        sums = self._loss(unit.batch, lay, torch.cat(rows), torch.cat([charged[from_stream], deep]), weight)
+        return StepOutput(sums.kl_sum / divisor, StepMetrics.from_sums(sums))
 
     def _inject_context(self, unit: Unit) -> Tensor:
         """A zero-valued loss carrying the leaves' gradients into the depth-0 stream's graph."""
@@ -376,7 +386,11 @@ class PEagleTrainer(nn.Module):
         return surrogate - surrogate.detach()
 
 
-def _normalizer(normalizer: float | Tensor | None, count: int) -> float | Tensor:
+def _scale(normalizer: float | Tensor | tuple[float, ...] | None, count: int
+           ) -> tuple[Tensor | None, float | Tensor]:
+    """(per-depth weights for `kl_loss`, divisor of its sum) for `PEagleTrainer.forward`'s normalizer."""
     if normalizer is None:
-        return float(max(count, 1))
-    return normalizer
+        return None, float(max(count, 1))
+    if isinstance(normalizer, (tuple, list)):
+        return 1.0 / torch.tensor(normalizer, dtype=torch.float64).clamp(min=1.0), 1.0
+    return None, normalizer

@@ -34,8 +34,9 @@ RESUME_FREE = frozenset({
 })
 RESUME_ACCEPTABLE = frozenset({
     "optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "optim.warmup_steps", "optim.min_lr_ratio",
-    "optim.grad_clip", "model.ratio", "model.ratio_min", "model.max_anchors", "model.target",
-    "model.target_dtype", "data.cache", "data.states", "train.micro_batch_size", "train.grad_accum", "train.dtype",
+    "optim.grad_clip", "model.ratio", "model.ratio_min", "model.max_anchors", "model.loss_normalization",
+    "model.target", "model.target_dtype", "data.cache", "data.states", "train.micro_batch_size", "train.grad_accum",
+    "train.dtype",
 })
 
 

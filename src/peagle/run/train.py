@@ -35,6 +35,7 @@ from torch import Tensor
 from peagle.config.training import Config, ConfigError, config_to_dict
 from peagle.eval.continuations import ContinuationSet
 from peagle.eval.tables import acceptance_on
+from peagle.model.loss import loss_divisor
 from peagle.model.step import StepMetrics
 from peagle.run.build import Run, build
 from peagle.run.distributed import (
@@ -238,11 +239,13 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     micro = [run.data.micro_batch(rows, epoch) for rows in run.data.step_micro_rows(epoch, row, d.rank, d.world)]
     layouts = [run.trainer.layout(m.batch) for m in micro]
     states, failed, waited = _take_streamed(run, micro)
-    count = all_reduce(torch.tensor([float(sum(lay.supervised_count for lay in layouts)), float(bool(failed))],
-                                    dtype=torch.float64, device=d.device), d)
-    if count[1].item() > 0:  # every rank stops here, before any collective of the step's backward
+    k = run.trainer.num_depths
+    per_depth = sum((lay.supervised_per_depth(k) for lay in layouts), torch.zeros(k, dtype=torch.float64))
+    count = all_reduce(torch.cat([per_depth, torch.tensor([float(bool(failed))], dtype=torch.float64)]).to(d.device),
+                       d).cpu()
+    if count[k].item() > 0:  # every rank stops here, before any collective of the step's backward
         raise StreamError(failed or "another rank could not get its target states")
-    normalizer = float(max(count[0].item(), 1.0))
+    normalizer = loss_divisor(count[:k], cfg.model.loss_normalization)
     metrics = StepMetrics.zeros(run.trainer.num_depths)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for j, (m, lay) in enumerate(zip(micro, layouts, strict=True)):
@@ -274,7 +277,6 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.epoch, state.row_in_epoch = run.data.advance(epoch, row)
-    k = run.trainer.num_depths
     packed = torch.cat([metrics.as_tensor().reshape(-1), torch.tensor([float(sum(m.tokens for m in micro))],
                                                                       dtype=torch.float64)])
     packed = all_reduce(packed.to(d.device), d).cpu()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peagle.model.loss import LossSums, TargetHead, kl_loss
+from peagle.model.loss import LossSums, TargetHead, kl_loss, loss_divisor
 
 
 def make_case(E=10, H=8, Vd=12, K=4, seed=0, dtype=torch.float32):
@@ -186,3 +186,43 @@ def test_kept_and_recomputed_chunks_give_the_same_gradients(keep_chunks, monkeyp
     (0.37 * reference(h2, w2, target_logits, depth, K)[0]).backward()
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_chunks", [0, 1, 99])
+def test_depth_weights_match_the_weighted_reference(keep_chunks, monkeypatch):
+    """kl_sum = Σ_d w_d · (KL summed over depth d), its gradient the weighted reference's, whether the
+    backward reuses the forward's q − p or recomputes it; the per-depth metrics stay unweighted; the
+    elements are given unsorted by target row (kl_loss sorts them: the weights must follow)."""
+    import peagle.model.loss as loss_mod
+
+    K, chunk = 4, 3
+    hidden, weight, target_logits, depth = make_case(E=13, K=K, seed=5)
+    target_index = torch.randperm(13, generator=torch.Generator().manual_seed(1))
+    w = torch.tensor([0.5, 2.0, 0.25, 3.0])
+    monkeypatch.setattr(loss_mod, "_KEEP_BYTES", keep_chunks * chunk * weight.shape[0] * 4)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = kl_loss(h1, w1, depth, K, target_logits=target_logits, target_index=target_index, chunk_size=chunk,
+                  depth_weight=w)
+    log_q = torch.log_softmax(h2 @ w2.T, dim=-1)
+    log_p = torch.log_softmax(target_logits[target_index], dim=-1)
+    per_elem = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    ref = (w[depth] * per_elem).sum()
+    torch.testing.assert_close(out.kl_sum, ref)
+    torch.testing.assert_close(out.kl_per_depth, torch.zeros(K).index_add(0, depth, per_elem.detach()))
+    (0.37 * out.kl_sum).backward()
+    (0.37 * ref).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_divisor_hand_cases():
+    counts = torch.tensor([10.0, 4.0, 0.0, 2.0], dtype=torch.float64)
+    assert loss_divisor(counts, "elements") == 16.0
+    assert loss_divisor(counts, "depths") == (40.0, 16.0, 4.0, 8.0)  # K · count_d, an empty depth counts 1
+    assert loss_divisor(torch.zeros(3), "elements") == 1.0
+    with pytest.raises(ValueError, match="elements' or 'depths'"):
+        loss_divisor(counts, "tokens")
+    with pytest.raises(ValueError, match=r"depth_weight must have shape \(4,\)"):
+        hidden, weight, target_logits, depth = make_case(K=4)
+        kl_loss(hidden, weight, depth, 4, target_logits=target_logits, depth_weight=torch.ones(3))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peagle import Batch, DraftConfig, PEagleDraft, PEagleTrainer
-from peagle.model.loss import TargetHead
+from peagle.model.loss import TargetHead, loss_divisor
 
 H, V, VD, K = 32, 64, 48, 4
 
@@ -284,3 +284,37 @@ def test_batch_shape_errors_are_clear():
     bad = Batch(**{**batch.__dict__, "target_logits": None})
     with pytest.raises(ValueError, match="exactly one"):
         t(bad)
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_per_depth_normaliser_is_the_mean_of_depth_means_and_accumulates(segments):
+    """With K per-depth divisors (loss_normalization "depths") the loss is Σ_d KL_d / (K · n_d) by the
+    step's own metrics; two micro-batches given the union's divisors sum to the union's loss and
+    gradient, flat or sequence-partitioned."""
+    a = make_batch([[(10, 0), (8, 2)]], seed=3)
+    b = make_batch([[(14, 6)]], seed=4)
+    union = Batch(**{f: torch.cat([getattr(a, f), getattr(b, f)]) if getattr(a, f) is not None else None
+                     for f in a.__dataclass_fields__})
+    ref = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3)
+    counts = ref.layout(union).supervised_per_depth(K)
+    assert counts.sum() == ref.count_supervised(union) and (counts > 0).all()
+    divisor = loss_divisor(counts, "depths")
+    out = ref(union, normalizer=divisor)
+    m = out.metrics
+    want_loss = sum(float(m.kl_per_depth[d]) / (K * float(m.count_per_depth[d])) for d in range(K))
+    assert torch.equal(m.count_per_depth, counts)
+    assert abs(float(out.loss) - want_loss) < 1e-9 * max(want_loss, 1.0)
+    out.loss.backward()
+    want = grads_of(ref)
+
+    acc = PEagleTrainer(make_draft(), ratio=0.8, ratio_min=0.3, sequence_partitions=segments)
+    total = 0.0
+    for mb in (a, b):
+        for unit in acc.units(mb):
+            o = acc(unit, normalizer=divisor)
+            o.loss.backward()
+            total += float(o.loss.detach())
+    assert abs(total - float(out.loss)) < 1e-9 * max(want_loss, 1.0)
+    got = grads_of(acc)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-10, rtol=1e-8), name

@@ -49,27 +49,34 @@ def _run(tmp: Path, dataset: Path, target: Path, name: str, **train: Any) -> Run
     return build(load_config(path))
 
 
-def _hand_gradient(run: Run, epoch: int, row: int) -> dict[str, torch.Tensor]:
+def _hand_gradient(run: Run, epoch: int, row: int, per_depth: bool = False) -> dict[str, torch.Tensor]:
     """The step's gradient as the docs describe it, on a copy: one normaliser for the whole step (all
-    micro-batches' supervised COD elements), every unit's KL sum / normaliser backpropagated."""
+    micro-batches' supervised COD elements), every unit's KL sum / normaliser backpropagated; ``per_depth``
+    (loss_normalization "depths"): an element of depth d divided by K × the step's depth-d count instead."""
     trainer = copy.deepcopy(run.trainer)
     micro = [run.data.micro_batch(rows, epoch) for rows in run.data.step_micro_rows(epoch, row, 0, 1)]
     batches = [shift_states(m.batch, *run.source.states(m.packed)) for m in micro]
     normalizer = float(sum(trainer.count_supervised(b) for b in batches))
+    if per_depth:
+        k = trainer.num_depths
+        depths = [d for b in batches for lay in [trainer.layout(b)] for d in lay.depth[lay.supervised].tolist()]
+        assert len(depths) == normalizer and set(depths) == set(range(k))
+        normalizer = tuple(float(k * depths.count(d)) for d in range(k))
     for b in batches:
         for unit in trainer.units(b):
             trainer(unit, normalizer).loss.backward()
     return {n: p.grad.clone() for n, p in trainer.draft.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("partitions", [1, 2])
-def test_one_step_is_the_hand_written_step(llama_dir: Path, dataset: Path, tmp_path: Path, partitions: int,
+@pytest.mark.parametrize(("partitions", "norm"), [(1, "elements"), (2, "elements"), (1, "depths"), (2, "depths")])
+def test_one_step_is_the_hand_written_step(llama_dir: Path, dataset: Path, tmp_path: Path, partitions: int, norm: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import peagle.run.train as train_mod
 
-    run = _run(tmp_path, dataset, llama_dir, f"s{partitions}", model={"sequence_partitions": partitions})
+    run = _run(tmp_path, dataset, llama_dir, f"s{partitions}{norm}",
+               model={"sequence_partitions": partitions, "loss_normalization": norm})
     epoch, row = next(iter(run.data.positions(run.state, run.total)))
-    want = _hand_gradient(run, epoch, row)
+    want = _hand_gradient(run, epoch, row, per_depth=norm == "depths")
     seen: dict[str, Any] = {}
     grad_norm = train_mod.grad_norm
 
