@@ -9,7 +9,7 @@ Example::
 
     data:  {dataset: runs/prepared, max_length: 2048}
     model: {target: /models/Llama-3.1-8B-Instruct, target_name: meta-llama/Llama-3.1-8B-Instruct}
-    optim: {lr: 3.0e-4, warmup_steps: 100}
+    optim: {lr: 1.5e-3, warmup_steps: 100}
     train: {output_dir: runs/llama-peagle, micro_batch_size: 2, grad_accum: 4, epochs: 2}
 
     $ peagle train config.yaml --optim.lr 1e-4 --train.max_steps 500
