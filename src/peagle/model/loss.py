@@ -214,13 +214,16 @@ class _ChunkedKL(torch.autograd.Function):
             keep: list[torch.Tensor] | None = [] if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
             sums = _forward_chunks(hidden, weight, depth, num_depths, target, chunk_size, keep)
         kl_per_depth, correct, count = sums
-        row_weight = None if depth_weight is None else depth_weight.to(kl_per_depth)[depth]
+        if depth_weight is None:
+            kl_sum, row_weight = kl_per_depth.sum(), None
+        else:
+            w = depth_weight.to(kl_per_depth)
+            kl_sum, row_weight = (kl_per_depth * w).sum(), w[depth]
         ctx.save_for_backward(hidden, weight, target_logits, target_hidden, target_index, row_weight)
         ctx.target_head = target_head
         ctx.chunk_size = chunk_size
         ctx.kept = keep or []
         ctx.mark_non_differentiable(kl_per_depth, correct, count)
-        kl_sum = kl_per_depth.sum() if depth_weight is None else (kl_per_depth * depth_weight.to(kl_per_depth)).sum()
         return kl_sum, kl_per_depth, correct, count
 
     @staticmethod

@@ -392,5 +392,5 @@ def _scale(normalizer: float | Tensor | tuple[float, ...] | None, count: int
     if normalizer is None:
         return None, float(max(count, 1))
     if isinstance(normalizer, (tuple, list)):
-        return 1.0 / torch.tensor(normalizer, dtype=torch.float64).clamp(min=1.0), 1.0
+        return 1.0 / torch.tensor(normalizer, dtype=torch.float64), 1.0
     return None, normalizer

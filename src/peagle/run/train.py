@@ -246,7 +246,7 @@ def train_step(run: Run, epoch: int, row: int) -> dict[str, Any]:
     if count[k].item() > 0:  # every rank stops here, before any collective of the step's backward
         raise StreamError(failed or "another rank could not get its target states")
     normalizer = loss_divisor(count[:k], cfg.model.loss_normalization)
-    metrics = StepMetrics.zeros(run.trainer.num_depths)
+    metrics = StepMetrics.zeros(k)
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for j, (m, lay) in enumerate(zip(micro, layouts, strict=True)):
         batch = m.with_states(run.source, d.device, states[j] if states else None)
