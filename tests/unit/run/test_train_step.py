@@ -165,15 +165,15 @@ def test_a_steps_rows_do_not_depend_on_the_split(llama_dir: Path, dataset: Path,
     assert data.advance(epoch, row) == (epoch, row + 4) or data.advance(epoch, row) == (epoch + 1, 0)
 
 
-@pytest.mark.parametrize("partitions", [1, 2])
+@pytest.mark.parametrize(("partitions", "norm"), [(1, "elements"), (2, "elements"), (1, "depths")])
 def test_a_bf16_step_is_the_fp32_step_to_bf16_rounding(llama_dir: Path, dataset: Path, tmp_path: Path,
-                                                       partitions: int) -> None:
+                                                       partitions: int, norm: str) -> None:
     """train.dtype bf16 (autocast, fp32 master weights and AdamW state) through the built run, online
     target: the loss and update of fp32's within bf16 rounding (test_bf16.py explains the bounds)."""
     records, deltas = {}, {}
     for dtype in ("fp32", "bf16"):
-        run = _run(tmp_path, dataset, llama_dir, f"{dtype}{partitions}", dtype=dtype,
-                   model={"sequence_partitions": partitions})
+        run = _run(tmp_path, dataset, llama_dir, f"{dtype}{partitions}{norm}", dtype=dtype,
+                   model={"sequence_partitions": partitions, "loss_normalization": norm})
         assert run.autocast_bf16 == (dtype == "bf16") and run.state.autocast_dtype == dtype
         before = {n: p.detach().clone() for n, p in run.draft.named_parameters()}
         epoch, row = next(iter(run.data.positions(run.state, run.total)))
